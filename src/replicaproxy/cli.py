@@ -1,0 +1,239 @@
+"""The ``replicaproxy`` command line.
+
+Every mistake in flags or config ends in one line naming the flag or key and
+exit code 2; nothing the user typed produces a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn
+
+import click
+import uvloop
+
+from replicaproxy import __version__
+from replicaproxy.config import Config, ConfigError, Overrides, build_config, load_config
+
+EXIT_USAGE = 2
+
+log = logging.getLogger("replicaproxy")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"replicaproxy: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    return uvloop.run(coro)
+
+
+LOG_LEVEL = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Least severe log level printed (to stderr).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="replicaproxy")
+def cli() -> None:
+    """A TCP proxy that keeps hot replicas of a stateful server in step.
+
+    Every client byte goes to the primary and to each replica; the client gets
+    the primary's reply. Start with `replicaproxy demo`, then `replicaproxy run --help`.
+    """
+
+
+@cli.command()
+@click.option("--config", "config_path", metavar="FILE", help="TOML config file.")
+@click.option("--listen", metavar="HOST:PORT", help="Address to accept clients on.")
+@click.option("--primary", metavar="HOST:PORT", help="The primary backend (replaces the file's).")
+@click.option(
+    "--replica", "replicas", metavar="HOST:PORT", multiple=True, help="Add a replica (repeatable)."
+)
+@click.option(
+    "--shadow", "shadows", metavar="HOST:PORT", multiple=True, help="Add a shadow (repeatable)."
+)
+@click.option("--mode", type=click.Choice(["async", "sync"]), help="Replication mode.")
+@click.option("--admin", metavar="HOST:PORT", help="Admin HTTP address (off unless given).")
+@click.option("--state-file", metavar="PATH", help="Where the replica view is kept.")
+@LOG_LEVEL
+def run(
+    config_path: str | None,
+    listen: str | None,
+    primary: str | None,
+    replicas: tuple[str, ...],
+    shadows: tuple[str, ...],
+    mode: str | None,
+    admin: str | None,
+    state_file: str | None,
+    log_level: str,
+) -> None:
+    """Run the proxy. Flags override the config file.
+
+    A backend given by flag is named by its HOST:PORT. Example:
+
+      replicaproxy run --listen 127.0.0.1:50000 --primary 127.0.0.1:50001
+      --replica 127.0.0.1:50002
+    """
+    overrides = Overrides(
+        listen=listen,
+        primary=primary,
+        replicas=replicas,
+        shadows=shadows,
+        mode=mode,
+        admin=admin,
+        state_file=state_file,
+    )
+    try:
+        config = build_config(config_path, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _setup_logging(log_level)
+    sys.exit(_run_async(_serve(config)))
+
+
+async def _serve(config: Config) -> int:
+    from replicaproxy.server import Server
+
+    server = Server(config)
+    try:
+        await server.serve()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.proxy.listen, exc.strerror or exc)
+        return 1
+    return 0
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def check(file: str) -> None:
+    """Validate a config FILE: exit 0 if it is good, else print what is wrong and exit 2."""
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        _fail(str(exc))
+    names = ", ".join(f"{b.name} ({b.role})" for b in config.backends)
+    click.echo(f"{file}: ok: listen {config.proxy.listen}, {config.proxy.mode} mode, {names}")
+
+
+@cli.command()
+@click.argument("replica_host")
+@click.argument("replica_port", type=click.IntRange(1, 65535))
+@click.argument("listen_port", type=click.IntRange(0, 65535))
+@click.argument("primary_port", type=click.IntRange(1, 65535))
+@LOG_LEVEL
+def compat(
+    replica_host: str, replica_port: int, listen_port: int, primary_port: int, log_level: str
+) -> None:
+    """The classroom argument order: the primary is on localhost.
+
+    Listens on LISTEN_PORT (all interfaces), sends every byte to
+    127.0.0.1:PRIMARY_PORT and REPLICA_HOST:REPLICA_PORT, answers with the primary's bytes.
+    """
+    host = f"[{replica_host}]" if ":" in replica_host else replica_host
+    overrides = Overrides(
+        listen=f"0.0.0.0:{listen_port}",
+        primary=f"127.0.0.1:{primary_port}",
+        replicas=(f"{host}:{replica_port}",),
+    )
+    try:
+        config = build_config(None, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _setup_logging(log_level)
+    sys.exit(_run_async(_serve(config)))
+
+
+@cli.command("example-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), required=True, help="Port to listen on (0: any)."
+)
+def example_server(host: str, port: int) -> None:
+    """The demo protocol's server: prints each value it receives, answers HOLA."""
+    from replicaproxy.demo.server import serve_example
+
+    _setup_logging("info")
+    try:
+        _run_async(_as_int(serve_example(host, port, out=_print_flush)))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command("example-client")
+@click.argument("host")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option(
+    "--connect-deadline",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to keep retrying the connect (every 100 ms).",
+)
+def example_client(host: str, port: int, connect_deadline: float) -> None:
+    """The demo protocol's client: sends the values, prints the reply."""
+    from replicaproxy.demo.client import run_example_client
+    from replicaproxy.demo.protocol import ProtocolError
+
+    try:
+        _run_async(
+            _as_int(
+                run_example_client(host, port, out=_print_flush, connect_deadline=connect_deadline)
+            )
+        )
+    except (OSError, EOFError, asyncio.IncompleteReadError, ProtocolError) as exc:
+        _fail(str(exc) or type(exc).__name__, 1)
+
+
+@cli.command()
+@LOG_LEVEL
+def demo(log_level: str) -> None:
+    """Run the whole thing on loopback: two example servers, the proxy, the client."""
+    from replicaproxy.demo.run import run_demo
+
+    _setup_logging(log_level if log_level != "info" else "warning")
+    sys.exit(_run_async(run_demo()))
+
+
+def _print_flush(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _as_int(coro: Coroutine[Any, Any, object]) -> int:
+    await coro
+    return 0
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _fail(exc.format_message() + hint)
+    except click.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

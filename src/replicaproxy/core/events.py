@@ -1,0 +1,206 @@
+"""The vocabulary between the I/O driver and the session core.
+
+Events go into :class:`replicaproxy.core.session.Session`; actions come out and
+the driver carries them out. Neither side knows how the other works: the core
+never sees a socket, and the driver makes no decision of its own.
+
+Every endpoint of a session is named by a string: the client is ``CLIENT``, an
+upstream is the backend's name (names never contain ``<``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+CLIENT = "<client>"
+
+
+class Timer(enum.Enum):
+    """The timers a session can ask for."""
+
+    #: After the primary's EOF or the session's end: how long replicas may finish.
+    CLOSE_GRACE = "close_grace"
+    #: After close: how long upstreams may take to accept their last input bytes.
+    LINGER = "linger"
+
+
+# ---------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of everything the driver tells the core."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientData(Event):
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEof(Event):
+    """The client shut down its sending side (it may still read)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClosed(Event):
+    """The client connection is gone; ``error`` is set when it was not a clean close."""
+
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConnected(Event):
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConnectFailed(Event):
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamData(Event):
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEof(Event):
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamClosed(Event):
+    name: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBlocked(Event):
+    """``target``'s pending output passed its high-water mark."""
+
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteUnblocked(Event):
+    """``target``'s pending output fell below its low-water mark."""
+
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired(Event):
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class IdleTimeout(Event):
+    """Nothing moved in either direction for ``idle_timeout`` seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Event):
+    """The proxy is stopping and the session's grace period is over."""
+
+
+# --------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """Base class of everything the core asks the driver to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connect(Action):
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Write(Action):
+    target: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WriteEof(Action):
+    """Half-close ``target`` once everything written before has been sent."""
+
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Action):
+    """Close ``target`` after its pending output has been sent."""
+
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Action):
+    """Close ``target`` at once, dropping pending output."""
+
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class PauseReading(Action):
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReading(Action):
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer(Action):
+    timer: Timer
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer(Action):
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class MarkStale(Action):
+    """The replica ``name`` missed input: it must not be promoted any more."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Action):
+    """Something an operator should see: logged and counted by the driver.
+
+    ``kind`` is one of ``REPORT_KINDS``.
+    """
+
+    kind: str
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished(Action):
+    """Every connection of the session is closed; ``outcome`` sums it up."""
+
+    outcome: str
+
+
+#: What a :class:`Report` can be about.
+REPORT_KINDS = frozenset(
+    {
+        "connect_failed",  # an upstream could not be reached
+        "dropped",  # an upstream left the session before its end (overflow, error)
+        "divergence",  # a replica or shadow answered differently from the primary
+        "compare_lost",  # a replica fell so far behind that its output is no longer compared
+    }
+)

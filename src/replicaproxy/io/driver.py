@@ -1,0 +1,321 @@
+"""The uvloop/asyncio side of a session: protocols, transports and timers.
+
+This is the only module that touches sockets on the data path. Protocol
+callbacks turn into :mod:`replicaproxy.core.events`; the session's actions are
+carried out by :meth:`SessionDriver._do`, which knows every action and raises
+on anything else. ``OSError`` is caught here, at the edge, and becomes an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from replicaproxy.config import Address
+from replicaproxy.core.events import (
+    CLIENT,
+    Abort,
+    Action,
+    CancelTimer,
+    ClientClosed,
+    ClientData,
+    ClientEof,
+    Close,
+    Connect,
+    Event,
+    Finished,
+    IdleTimeout,
+    MarkStale,
+    PauseReading,
+    Report,
+    ResumeReading,
+    Shutdown,
+    StartTimer,
+    Timer,
+    TimerFired,
+    UpstreamClosed,
+    UpstreamConnected,
+    UpstreamConnectFailed,
+    UpstreamData,
+    UpstreamEof,
+    Write,
+    WriteBlocked,
+    WriteEof,
+    WriteUnblocked,
+)
+from replicaproxy.core.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class SessionHost(Protocol):
+    """What a session's driver needs from the server that runs it."""
+
+    def address_of(self, name: str) -> Address: ...
+    def write_limit(self, name: str) -> int | None: ...
+    def mark_stale(self, name: str, reason: str, sid: int) -> None: ...
+    def report(self, kind: str, name: str, detail: str, sid: int) -> None: ...
+    def session_finished(self, driver: SessionDriver, outcome: str) -> None: ...
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class SessionDriver:
+    """Carries out one :class:`Session`'s actions on real transports."""
+
+    def __init__(
+        self,
+        sid: int,
+        session: Session,
+        host: SessionHost,
+        client: asyncio.Transport,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        self.sid = sid
+        self.session = session
+        self.host = host
+        self.loop = asyncio.get_running_loop()
+        self.started = time.monotonic()
+        peer = client.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._transports: dict[str, asyncio.Transport] = {CLIENT: client}
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        self._timers: dict[Timer, asyncio.TimerHandle] = {}
+        self._queue: deque[Event] = deque()
+        self._dispatching = False
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self.last_activity = self.loop.time()
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self.finished = asyncio.Event()
+
+    # ---------------------------------------------------------------- events
+
+    def start(self) -> None:
+        """Begin the session: connect the upstreams, arm the idle timer."""
+        if self._idle_timeout > 0:
+            self._idle_handle = self.loop.call_later(self._idle_timeout, self._check_idle)
+        self._run(self.session.start())
+
+    def feed(self, event: Event) -> None:
+        """Hand ``event`` to the session and carry out what it answers.
+
+        Transports call back synchronously from inside ``write()`` (for
+        ``pause_writing``); such events wait in a queue until the current
+        action list is done, so the session never sees two events at once.
+        """
+        if self._dispatching:
+            self._queue.append(event)
+            return
+        self._dispatching = True
+        try:
+            self._run(self.session.handle(event))
+            while self._queue:
+                self._run(self.session.handle(self._queue.popleft()))
+        except Exception:
+            # A bug, not a peer's fault: say so loudly, then don't leave sockets behind.
+            log.exception("session %d: internal error; closing the session", self.sid)
+            self._teardown("internal_error")
+        finally:
+            self._dispatching = False
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            self._do(action)
+
+    def _check_idle(self) -> None:
+        now = self.loop.time()
+        due = self.last_activity + self._idle_timeout
+        if now >= due:
+            self._idle_handle = None
+            log.info("session %d: idle for %.1f s, closing", self.sid, self._idle_timeout)
+            self.feed(IdleTimeout())
+        else:
+            self._idle_handle = self.loop.call_at(due, self._check_idle)
+
+    def shutdown(self) -> None:
+        """The server's grace period is over: end the session now."""
+        self.feed(Shutdown())
+
+    # --------------------------------------------------------------- actions
+
+    def _do(self, action: Action) -> None:
+        if type(action) is Write:
+            t = self._transports.get(action.target)
+            if t is not None and not t.is_closing():
+                t.write(action.data)
+        elif isinstance(action, PauseReading):
+            t = self._transports.get(action.target)
+            if t is not None and not t.is_closing():
+                t.pause_reading()
+        elif isinstance(action, ResumeReading):
+            t = self._transports.get(action.target)
+            if t is not None and not t.is_closing():
+                t.resume_reading()
+        elif isinstance(action, Connect):
+            task = self.loop.create_task(self._connect(action.name))
+            self._connecting[action.name] = task
+        elif isinstance(action, WriteEof):
+            t = self._transports.get(action.target)
+            if t is not None and not t.is_closing() and t.can_write_eof():
+                t.write_eof()
+        elif isinstance(action, Close):
+            t = self._transports.get(action.target)
+            if t is not None:
+                t.close()
+        elif isinstance(action, Abort):
+            self._abort(action.target)
+        elif isinstance(action, StartTimer):
+            old = self._timers.pop(action.timer, None)
+            if old is not None:
+                old.cancel()
+            self._timers[action.timer] = self.loop.call_later(
+                action.delay, self.feed, TimerFired(action.timer)
+            )
+        elif isinstance(action, CancelTimer):
+            handle = self._timers.pop(action.timer, None)
+            if handle is not None:
+                handle.cancel()
+        elif isinstance(action, MarkStale):
+            self.host.mark_stale(action.name, action.reason, self.sid)
+        elif isinstance(action, Report):
+            self.host.report(action.kind, action.name, action.detail, self.sid)
+        elif isinstance(action, Finished):
+            self._finish(action.outcome)
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+    def _abort(self, target: str) -> None:
+        t = self._transports.get(target)
+        if t is not None:
+            t.abort()  # connection_lost reports UpstreamClosed
+        task = self._connecting.get(target)
+        if task is not None and not task.done():
+            task.cancel()  # without a transport yet, _connect reports UpstreamClosed
+
+    async def _connect(self, name: str) -> None:
+        address = self.host.address_of(name)
+        try:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    transport, _ = await self.loop.create_connection(
+                        lambda: UpstreamProtocol(self, name), address.host, address.port
+                    )
+            except TimeoutError:
+                self.feed(
+                    UpstreamConnectFailed(name, f"no answer within {self._connect_timeout} s")
+                )
+                return
+            except OSError as exc:
+                self.feed(UpstreamConnectFailed(name, _describe(exc) or "error"))
+                return
+        except asyncio.CancelledError:
+            if name not in self._transports:
+                self.feed(UpstreamClosed(name, None))
+            raise
+        finally:
+            self._connecting.pop(name, None)
+        limit = self.host.write_limit(name)
+        if limit is not None:
+            transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        self.feed(UpstreamConnected(name))
+
+    def _finish(self, outcome: str) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if not self.finished.is_set():
+            self.finished.set()
+            self.host.session_finished(self, outcome)
+
+    def _teardown(self, outcome: str) -> None:
+        """Last resort after a bug: abort every connection, end the session."""
+        for task in list(self._connecting.values()):
+            task.cancel()
+        for t in self._transports.values():
+            t.abort()
+        self._finish(outcome)
+
+    # ------------------------------------------------- called by the protocols
+
+    def attach(self, name: str, transport: asyncio.Transport) -> None:
+        self._transports[name] = transport
+
+
+class ClientProtocol(asyncio.Protocol):
+    """The client side of a session. ``on_made`` builds the session's driver."""
+
+    def __init__(self, on_made: Callable[[asyncio.Transport], SessionDriver | None]) -> None:
+        self._on_made = on_made
+        self.driver: SessionDriver | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports quack like asyncio.Transport without subclassing it.
+        self.driver = self._on_made(cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        d = self.driver
+        if d is not None:
+            d.last_activity = d.loop.time()
+            d.feed(ClientData(data))
+
+    def eof_received(self) -> bool:
+        if self.driver is not None:
+            self.driver.feed(ClientEof())
+        return True  # keep the connection half-open: the client may still read
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.driver is not None:
+            self.driver.feed(ClientClosed(_describe(exc)))
+
+    def pause_writing(self) -> None:
+        if self.driver is not None:
+            self.driver.feed(WriteBlocked(CLIENT))
+
+    def resume_writing(self) -> None:
+        if self.driver is not None:
+            self.driver.feed(WriteUnblocked(CLIENT))
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One upstream connection of a session."""
+
+    __slots__ = ("driver", "name")
+
+    def __init__(self, driver: SessionDriver, name: str) -> None:
+        self.driver = driver
+        self.name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.driver.attach(self.name, cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        d = self.driver
+        d.last_activity = d.loop.time()
+        d.feed(UpstreamData(self.name, data))
+
+    def eof_received(self) -> bool:
+        self.driver.feed(UpstreamEof(self.name))
+        return True  # we may still have input to send it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.driver.feed(UpstreamClosed(self.name, _describe(exc)))
+
+    def pause_writing(self) -> None:
+        self.driver.feed(WriteBlocked(self.name))
+
+    def resume_writing(self) -> None:
+        self.driver.feed(WriteUnblocked(self.name))

@@ -1,0 +1,32 @@
+"""Small logging helpers shared by the server and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+class RateLimited:
+    """Let a kind of log line through at most once per ``interval`` seconds.
+
+    Lines held back are counted, and the count is added to the next line that
+    goes through, so a flood is visible without drowning the log.
+    """
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(self, logger: logging.Logger, level: int, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            logger.log(level, msg + " (%d more like this not logged)", *args, held)
+        else:
+            logger.log(level, msg, *args)

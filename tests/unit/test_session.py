@@ -1,0 +1,448 @@
+"""Tier 1: the session core driven by plain events (no sockets)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replicaproxy.core.events import (
+    CLIENT,
+    Abort,
+    Action,
+    ClientClosed,
+    ClientData,
+    ClientEof,
+    Close,
+    Connect,
+    Event,
+    Finished,
+    MarkStale,
+    PauseReading,
+    Report,
+    ResumeReading,
+    StartTimer,
+    Timer,
+    TimerFired,
+    UpstreamClosed,
+    UpstreamConnected,
+    UpstreamConnectFailed,
+    UpstreamData,
+    UpstreamEof,
+    Write,
+    WriteBlocked,
+    WriteEof,
+    WriteUnblocked,
+)
+from replicaproxy.core.session import Limits, Member, Session
+
+P, R, S = "p", "r", "s"
+
+
+@dataclass
+class Harness:
+    """Feeds events to a session and records what each endpoint was sent."""
+
+    session: Session
+    actions: list[Action] = field(default_factory=list)
+    written: dict[str, bytearray] = field(default_factory=lambda: defaultdict(bytearray))
+    eof_sent: dict[str, int] = field(default_factory=dict)  # target -> bytes written before EOF
+
+    def record(self, actions: list[Action]) -> list[Action]:
+        for a in actions:
+            if isinstance(a, Write):
+                assert a.target not in self.eof_sent, f"write to {a.target} after its EOF"
+                self.written[a.target] += a.data
+            elif isinstance(a, WriteEof):
+                assert a.target not in self.eof_sent, f"second EOF to {a.target}"
+                self.eof_sent[a.target] = len(self.written[a.target])
+        self.actions += actions
+        return actions
+
+    def start(self) -> list[Action]:
+        return self.record(self.session.start())
+
+    def __call__(self, event: Event) -> list[Action]:
+        return self.record(self.session.handle(event))
+
+    def of(self, kind: type[Action]) -> list[Action]:
+        return [a for a in self.actions if isinstance(a, kind)]
+
+    def stale(self) -> set[str]:
+        return {a.name for a in self.actions if isinstance(a, MarkStale)}
+
+    def reports(self, kind: str) -> list[Report]:
+        return [a for a in self.actions if isinstance(a, Report) and a.kind == kind]
+
+
+def make(*members: tuple[str, str], **limits: float) -> Harness:
+    return Harness(Session([Member(n, r) for n, r in members], Limits(**limits)))  # type: ignore[arg-type]
+
+
+def connected(*members: tuple[str, str], **limits: float) -> Harness:
+    h = make(*members, **limits)
+    h.start()
+    for name, _ in members:
+        h(UpstreamConnected(name))
+    return h
+
+
+def test_start_connects_everyone_and_holds_the_client() -> None:
+    h = make((P, "primary"), (R, "replica"), (S, "shadow"))
+    acts = h.start()
+    assert [a.name for a in acts if isinstance(a, Connect)] == [P, R, S]
+    assert PauseReading(CLIENT) in acts
+
+
+def test_input_is_held_until_the_primary_connects() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(UpstreamConnected(R))
+    h(ClientData(b"early"))
+    assert not h.of(Write), "nothing may be written before the primary is there"
+    acts = h(UpstreamConnected(P))
+    assert h.written[P] == b"early"
+    assert h.written[R] == b"early"
+    assert ResumeReading(CLIENT) in acts
+
+
+def test_one_bytes_object_is_shared_by_every_upstream_write() -> None:
+    h = connected((P, "primary"), (R, "replica"), (S, "shadow"))
+    chunk = b"x" * 100
+    acts = h(ClientData(chunk))
+    writes = [a for a in acts if isinstance(a, Write)]
+    assert [w.target for w in writes] == [P, R, S]
+    assert all(w.data is chunk for w in writes)
+
+
+def test_client_gets_the_primary_only() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"GET"))
+    h(UpstreamData(R, b"from replica"))
+    h(UpstreamData(P, b"from replica"))
+    assert h.written[CLIENT] == b"from replica"
+    h(UpstreamData(R, b"!"))
+    assert h.written[CLIENT] == b"from replica"
+
+
+def test_divergence_is_reported_once_with_offset_and_excerpt() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(UpstreamData(P, b"hello world"))
+    h(UpstreamData(R, b"hello there"))
+    h(UpstreamData(P, b"more"))
+    h(UpstreamData(R, b"different"))
+    reports = h.reports("divergence")
+    assert len(reports) == 1
+    assert "offset 6" in reports[0].detail
+    assert "|world|" in reports[0].detail and "|there|" in reports[0].detail
+    assert not h.session.matched(R)
+    assert h.written[CLIENT] == b"hello worldmore"
+
+
+def test_divergence_when_the_replica_is_ahead() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(UpstreamData(R, b"abcdef"))
+    h(UpstreamData(P, b"abcX"))
+    [report] = h.reports("divergence")
+    assert "offset 3" in report.detail
+
+
+def test_replica_write_block_drops_it_and_marks_it_stale() -> None:
+    h = connected((P, "primary"), (R, "replica"), (S, "shadow"))
+    h(ClientData(b"a"))
+    acts = h(WriteBlocked(R))
+    assert Abort(R) in acts
+    assert h.stale() == {R}
+    acts = h(WriteBlocked(S))
+    assert Abort(S) in acts
+    assert h.stale() == {R}, "a shadow is never marked stale"
+    assert len(h.reports("dropped")) == 2
+    h(ClientData(b"b"))
+    assert h.written[P] == b"ab"
+    assert h.written[R] == b"a"
+    assert not h.session.in_session(R)
+
+
+def test_replica_held_input_is_bounded_before_it_connects() -> None:
+    h = make((P, "primary"), (R, "replica"), replica_buffer=10)
+    h.start()
+    h(UpstreamConnected(P))
+    h(ClientData(b"123456"))
+    assert h.session.held(R) == 6
+    h(ClientData(b"7890X"))
+    assert R in h.stale()
+    assert h.session.held(R) == 0
+    assert Abort(R) in h.actions
+    assert h.written[P] == b"1234567890X"
+
+
+def test_primary_backpressure_pauses_the_client() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    assert h(WriteBlocked(P)) == [PauseReading(CLIENT)]
+    assert h(WriteBlocked(R)) != []  # replica dropped, the client stays paused
+    assert ResumeReading(CLIENT) not in h.actions[-3:]
+    assert h(WriteUnblocked(P)) == [ResumeReading(CLIENT)]
+
+
+def test_slow_client_pauses_the_primary() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    assert h(WriteBlocked(CLIENT)) == [PauseReading(P)]
+    assert h(WriteUnblocked(CLIENT)) == [ResumeReading(P)]
+
+
+def test_replica_far_ahead_is_paused_then_resumed() -> None:
+    h = connected((P, "primary"), (R, "replica"), compare_window=10)
+    assert h(UpstreamData(R, b"x" * 11)) == [PauseReading(R)]
+    acts = h(UpstreamData(P, b"x" * 8))
+    assert ResumeReading(R) in acts
+    assert not h.reports("divergence")
+
+
+def test_replica_far_behind_is_no_longer_compared() -> None:
+    h = connected((P, "primary"), (R, "replica"), compare_window=10)
+    h(UpstreamData(P, b"y" * 11))
+    [lost] = h.reports("compare_lost")
+    assert lost.name == R
+    h(UpstreamData(R, b"z" * 20))
+    assert not h.reports("divergence")
+    assert h.session.matched(R), "not compared is not the same as diverged"
+
+
+def test_half_close_both_ways_and_normal_end() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"req"))
+    acts = h(ClientEof())
+    assert WriteEof(P) in acts and WriteEof(R) in acts
+    assert h.eof_sent == {P: 3, R: 3}
+    h(UpstreamData(P, b"resp"))
+    h(UpstreamData(R, b"resp"))
+    acts = h(UpstreamEof(P))
+    assert WriteEof(CLIENT) in acts
+    assert Close(CLIENT) in acts and Close(P) in acts
+    assert StartTimer(Timer.CLOSE_GRACE, 0.2) in acts
+    assert Close(R) in h(UpstreamEof(R))
+    h(ClientClosed())
+    h(UpstreamClosed(P))
+    acts = h(UpstreamClosed(R))
+    assert acts == [Finished("ok")]
+    assert not h.stale()
+
+
+def test_primary_half_close_lets_the_client_keep_sending() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(UpstreamData(P, b"bye"))
+    h(UpstreamData(R, b"bye"))
+    h(UpstreamEof(P))
+    h(ClientData(b"more"))
+    assert h.written[P] == b"more" and h.written[R] == b"more"
+    assert not h.of(Close)
+
+
+def test_replica_still_talking_is_closed_after_close_grace() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientEof())
+    h(UpstreamEof(P))
+    assert Close(R) not in h.actions
+    assert Close(R) in h(TimerFired(Timer.CLOSE_GRACE))
+
+
+def test_client_reset_flushes_then_closes_every_upstream() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"half a request"))
+    acts = h(ClientClosed("ConnectionResetError"))
+    assert Close(P) in acts and Close(R) in acts
+    assert not [a for a in acts if isinstance(a, Abort)], "accepted input must still arrive"
+    h(UpstreamClosed(P))
+    assert h(UpstreamClosed(R)) == [Finished("client_reset")]
+
+
+def test_primary_unreachable_refuses_without_sending_anything() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(ClientData(b"secret"))
+    h(UpstreamConnected(R))
+    acts = h(UpstreamConnectFailed(P, "refused"))
+    assert Abort(R) in acts and Close(CLIENT) in acts
+    assert not h.of(Write)
+    assert not h.stale()
+    h(UpstreamClosed(R))
+    assert h(ClientClosed()) == [Finished("refused")]
+
+
+def test_replica_unreachable_is_stale_and_the_session_goes_on() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(ClientData(b"x"))
+    h(UpstreamConnectFailed(R, "refused"))
+    h(UpstreamConnected(P))
+    h(ClientData(b"y"))
+    assert h.written[P] == b"xy"
+    assert h.stale() == {R}
+    assert not h.session.in_session(R)
+
+
+def test_replica_lost_mid_session_is_stale() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(UpstreamClosed(R, "ConnectionResetError"))
+    assert h.stale() == {R}
+    h(ClientData(b"z"))
+    assert h.written[P] == b"z" and h.written[R] == b""
+
+
+def test_replica_that_does_not_take_its_input_at_the_end_is_stale() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientEof())
+    h(UpstreamEof(P))
+    h(TimerFired(Timer.CLOSE_GRACE))
+    acts = h(TimerFired(Timer.LINGER))
+    assert Abort(R) in acts
+    assert R in h.stale()
+
+
+def test_replica_answering_short_at_a_normal_end_is_a_divergence() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(UpstreamData(P, b"abc"))
+    h(UpstreamData(R, b"ab"))
+    h(UpstreamEof(R))
+    h(ClientEof())
+    h(UpstreamEof(P))
+    [report] = h.reports("divergence")
+    assert "length" in report.detail
+
+
+# --------------------------------------------------------------- properties
+
+chunks = st.lists(st.binary(min_size=1, max_size=40), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client_chunks=chunks,
+    primary_chunks=chunks,
+    replica_split=st.lists(st.integers(min_value=1, max_value=50), max_size=20),
+    order=st.randoms(use_true_random=False),
+    replicas=st.integers(min_value=0, max_value=3),
+)
+def test_every_upstream_gets_the_client_stream_and_the_client_the_primarys(
+    client_chunks: list[bytes],
+    primary_chunks: list[bytes],
+    replica_split: list[int],
+    order: object,
+    replicas: int,
+) -> None:
+    import random
+
+    assert isinstance(order, random.Random)
+    names = [f"r{i}" for i in range(replicas)]
+    h = make((P, "primary"), *[(n, "replica") for n in names])
+    h.start()
+    primary_stream = b"".join(primary_chunks)
+    # Each replica answers the same bytes, cut at other places.
+    streams: dict[str, list[bytes]] = {P: list(primary_chunks)}
+    for n in names:
+        cut, rest = [], primary_stream
+        for size in replica_split:
+            if not rest:
+                break
+            cut.append(rest[:size])
+            rest = rest[size:]
+        if rest:
+            cut.append(rest)
+        streams[n] = cut
+    # Interleave everything in a random order; connects in a random position too.
+    events: list[Event] = [ClientData(c) for c in client_chunks]
+    for name in [P, *names]:
+        pos = order.randint(0, len(events))
+        events.insert(pos, UpstreamConnected(name))
+    for name, parts in streams.items():
+        # Each part goes after the connect and after the part before it.
+        at = next(i for i, e in enumerate(events) if e == UpstreamConnected(name))
+        for part in parts:
+            at = order.randint(at + 1, len(events))
+            events.insert(at, UpstreamData(name, part))
+    for e in events:
+        h(e)
+    client_stream = b"".join(client_chunks)
+    for name in [P, *names]:
+        assert bytes(h.written[name]) == client_stream, name
+        assert h.session.fed(name) == len(client_stream)
+    assert bytes(h.written[CLIENT]) == primary_stream
+    assert h.session.delivered == h.session.out(P) == len(primary_stream)
+    assert not h.reports("divergence")
+    assert not h.stale()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    stream=st.binary(min_size=1, max_size=200),
+    flip=st.integers(min_value=0, max_value=199),
+    p_cuts=st.lists(st.integers(min_value=1, max_value=30), max_size=10),
+    r_cuts=st.lists(st.integers(min_value=1, max_value=30), max_size=10),
+    order=st.randoms(use_true_random=False),
+)
+def test_first_mismatch_is_found_at_its_offset_whatever_the_chunking(
+    stream: bytes, flip: int, p_cuts: list[int], r_cuts: list[int], order: object
+) -> None:
+    import random
+
+    assert isinstance(order, random.Random)
+    flip %= len(stream)
+    other = bytearray(stream)
+    other[flip] ^= 0xFF
+
+    def cut(data: bytes, sizes: list[int]) -> list[bytes]:
+        out, rest = [], data
+        for size in sizes:
+            if not rest:
+                break
+            out.append(rest[:size])
+            rest = rest[size:]
+        return [*out, rest] if rest else out
+
+    h = connected((P, "primary"), (R, "replica"))
+    p_parts = [UpstreamData(P, c) for c in cut(stream, p_cuts)]
+    r_parts = [UpstreamData(R, c) for c in cut(bytes(other), r_cuts)]
+    # A random interleaving that keeps each side's own order.
+    events: list[Event] = []
+    while p_parts or r_parts:
+        side = p_parts if (p_parts and (not r_parts or order.random() < 0.5)) else r_parts
+        events.append(side.pop(0))
+    for e in events:
+        h(e)
+    [report] = h.reports("divergence")
+    assert f"offset {flip}:" in report.detail
+    assert bytes(h.written[CLIENT]) == stream
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=30),
+    limit=st.integers(min_value=1000, max_value=20000),
+)
+def test_held_input_never_exceeds_replica_buffer(sizes: list[int], limit: int) -> None:
+    h = make((P, "primary"), (R, "replica"), replica_buffer=limit)
+    h.start()
+    h(UpstreamConnected(P))
+    for n in sizes:
+        h(ClientData(b"q" * n))
+        assert h.session.held(R) <= limit
+    assert (R in h.stale()) == (sum(sizes) > limit)
+
+
+def test_unknown_event_is_a_bug() -> None:
+    h = make((P, "primary"))
+
+    @dataclass(frozen=True)
+    class Strange(Event):
+        pass
+
+    with pytest.raises(TypeError, match="unknown event"):
+        h(Strange())
+
+
+def test_a_session_needs_one_primary() -> None:
+    with pytest.raises(ValueError, match="exactly one primary"):
+        Session([Member("a", "replica")])
