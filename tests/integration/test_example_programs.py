@@ -25,6 +25,7 @@ from replicaproxy.demo.protocol import (
     ProtocolError,
 )
 from replicaproxy.demo.server import serve_example
+from support import require_binary
 
 HOST = "127.0.0.1"
 # Generous bounds for every wait: a JVM starts in ~0.5 s, but CI machines can be slow.
@@ -286,9 +287,8 @@ async def test_client_reports_a_short_reply() -> None:
 @pytest.fixture(scope="module")
 def java_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Compile Server.java and Client.java; skip when there is no JDK."""
-    javac, java = shutil.which("javac"), shutil.which("java")
-    if javac is None or java is None:
-        pytest.skip("javac and java must be on PATH for the Java compatibility tests")
+    javac = require_binary("javac")
+    require_binary("java")
     out_dir = tmp_path_factory.mktemp("java-classes")
     sources = [str(JAVA_SOURCES / "Server.java"), str(JAVA_SOURCES / "Client.java")]
     subprocess.run(

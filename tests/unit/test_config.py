@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import re
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -605,13 +606,13 @@ SCALARS = (
     | st.integers()
     | st.floats()
     | st.text(max_size=12)
-    | st.datetimes()
+    | st.just(datetime(2024, 1, 1))
     | INTERESTING
 )
 VALUES = st.recursive(
     SCALARS,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
-    max_leaves=6,
+    max_leaves=4,
 )
 KNOWN = {
     "proxy": [f.name for f in dataclasses.fields(ProxyConfig)],

@@ -446,3 +446,24 @@ def test_unknown_event_is_a_bug() -> None:
 def test_a_session_needs_one_primary() -> None:
     with pytest.raises(ValueError, match="exactly one primary"):
         Session([Member("a", "replica")])
+
+
+def test_client_reset_before_the_primary_connects_sends_nothing_anywhere() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(ClientData(b"never mind"))
+    acts = h(ClientClosed("ConnectionResetError"))
+    assert Abort(P) in acts and Abort(R) in acts
+    assert not h.of(Write)
+    assert not h.stale(), "nobody got the bytes, so nobody missed them"
+    h(UpstreamClosed(P))
+    assert h(UpstreamClosed(R)) == [Finished("client_reset")]
+
+
+def test_replica_still_connecting_when_the_session_ends_is_stale() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(UpstreamConnected(P))
+    h(ClientData(b"only the primary has this"))
+    h(ClientClosed("ConnectionResetError"))
+    assert h.stale() == {R}

@@ -565,7 +565,8 @@ class Session:
         elif u.state is _State.CONNECTING:
             # It never got a byte: nothing to lose by aborting the attempt.
             self._abort(u, actions)
-            if u.role == "replica" and u.fed:
+            if u.role == "replica" and self._gate_open and u.fed:
+                # The primary got input that this replica never will.
                 actions.append(MarkStale(u.name, "session ended before it connected"))
 
     def _start_linger(self, actions: list[Action]) -> None:

@@ -163,8 +163,10 @@ class SessionDriver:
             if t is not None and not t.is_closing():
                 t.resume_reading()
         elif isinstance(action, Connect):
-            task = self.loop.create_task(self._connect(action.name))
-            self._connecting[action.name] = task
+            name = action.name
+            task = self.loop.create_task(self._connect(name))
+            task.add_done_callback(lambda t: self._connect_done(name, t))
+            self._connecting[name] = task
         elif isinstance(action, WriteEof):
             t = self._transports.get(action.target)
             if t is not None and not t.is_closing() and t.can_write_eof():
@@ -206,29 +208,27 @@ class SessionDriver:
     async def _connect(self, name: str) -> None:
         address = self.host.address_of(name)
         try:
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    transport, _ = await self.loop.create_connection(
-                        lambda: UpstreamProtocol(self, name), address.host, address.port
-                    )
-            except TimeoutError:
-                self.feed(
-                    UpstreamConnectFailed(name, f"no answer within {self._connect_timeout} s")
+            async with asyncio.timeout(self._connect_timeout):
+                transport, _ = await self.loop.create_connection(
+                    lambda: UpstreamProtocol(self, name), address.host, address.port
                 )
-                return
-            except OSError as exc:
-                self.feed(UpstreamConnectFailed(name, _describe(exc) or "error"))
-                return
-        except asyncio.CancelledError:
-            if name not in self._transports:
-                self.feed(UpstreamClosed(name, None))
-            raise
-        finally:
-            self._connecting.pop(name, None)
+        except TimeoutError:
+            self.feed(UpstreamConnectFailed(name, f"no answer within {self._connect_timeout} s"))
+            return
+        except OSError as exc:
+            self.feed(UpstreamConnectFailed(name, _describe(exc) or "error"))
+            return
         limit = self.host.write_limit(name)
         if limit is not None:
             transport.set_write_buffer_limits(high=limit, low=limit // 2)
         self.feed(UpstreamConnected(name))
+
+    def _connect_done(self, name: str, task: asyncio.Task[None]) -> None:
+        self._connecting.pop(name, None)
+        # Cancelled by an Abort (possibly before it even started): without a
+        # transport there will be no connection_lost, so say it is closed here.
+        if task.cancelled() and name not in self._transports:
+            self.feed(UpstreamClosed(name, None))
 
     def _finish(self, outcome: str) -> None:
         for handle in self._timers.values():

@@ -1,0 +1,259 @@
+"""Helpers for tier 2 tests: real processes on loopback, waited on by their output.
+
+Every wait is bounded in time; every process is killed by its context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HOST = "127.0.0.1"
+#: The bound on any single wait for a process to say something.
+WAIT = 20.0
+SINK = Path(__file__).parent / "integration" / "sink.py"
+
+
+def require_binary(name: str) -> str:
+    """Path of program ``name``; skip the test without it (fail in CI, where it must be)."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed (CI installs it: see .ci/run)"
+        if os.environ.get("REPLICAPROXY_REQUIRE_ALL"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+class Proc:
+    """A child process whose stdout and stderr lines are collected as they come."""
+
+    def __init__(self, args: list[str], *, name: str, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.popen = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []  # stdout and stderr, in arrival order
+        self.stdout: list[str] = []
+        self._cond = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.popen.stdout, True), daemon=True),
+            threading.Thread(target=self._read, args=(self.popen.stderr, False), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream: object, is_stdout: bool) -> None:
+        assert stream is not None
+        for raw in stream:  # type: ignore[attr-defined]
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                if is_stdout:
+                    self.stdout.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_for(self, pattern: str, timeout: float = WAIT, *, start: int = 0) -> re.Match[str]:
+        """Wait until a line (from index ``start`` on) matches ``pattern``; return the match."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._alive_readers()):
+                    break
+                self._cond.wait(min(left, 0.5))
+        tail = "\n".join(self.lines[-30:])
+        raise AssertionError(
+            f"{self.name}: no line matching {pattern!r} within {timeout} s "
+            f"(exit code {self.popen.poll()}); last lines:\n{tail}"
+        )
+
+    def wait_stdout_lines(self, count: int, timeout: float = WAIT) -> list[str]:
+        """Wait until stdout has at least ``count`` lines; return them all."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.stdout) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._alive_readers()):
+                    raise AssertionError(
+                        f"{self.name}: {len(self.stdout)} of {count} stdout lines; "
+                        f"last lines:\n" + "\n".join(self.lines[-30:])
+                    )
+                self._cond.wait(min(left, 0.5))
+            return list(self.stdout)
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        with self._cond:
+            return sum(1 for line in self.lines if rx.search(line))
+
+    def _alive_readers(self) -> bool:
+        return any(t.is_alive() for t in self._readers)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout: float = WAIT) -> int:
+        return self.popen.wait(timeout)
+
+    def rss_kib(self) -> int:
+        """Resident memory of the process, from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(WAIT)
+        for t in self._readers:
+            t.join(WAIT)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextlib.contextmanager
+def running(args: list[str], *, name: str) -> Iterator[Proc]:
+    proc = Proc(args, name=name)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (for servers that cannot bind port 0)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def replicaproxy(*args: str) -> list[str]:
+    return [sys.executable, "-m", "replicaproxy", *args]
+
+
+@contextlib.contextmanager
+def proxy(*args: str, name: str = "proxy") -> Iterator[tuple[Proc, int]]:
+    """``replicaproxy run ARGS`` listening on a free loopback port; yields it and the port."""
+    with running(replicaproxy("run", "--listen", f"{HOST}:0", *args), name=name) as p:
+        m = p.wait_for(r"listening on [\d.]+:(\d+)")
+        yield p, int(m[1])
+
+
+@contextlib.contextmanager
+def example_server(name: str) -> Iterator[tuple[Proc, int]]:
+    with running(replicaproxy("example-server", "--port", "0"), name=name) as p:
+        m = p.wait_for(r"listening on [\d.]+:(\d+)")
+        yield p, int(m[1])
+
+
+@contextlib.contextmanager
+def sink(name: str, *, echo: bool = False) -> Iterator[tuple[Proc, int]]:
+    """A server that counts and hashes what each connection sends (see sink.py)."""
+    args = [sys.executable, str(SINK), *(["--echo"] if echo else [])]
+    with running(args, name=name) as p:
+        m = p.wait_for(r"listening on [\d.]+:(\d+)")
+        yield p, int(m[1])
+
+
+@contextlib.contextmanager
+def redis(tmp: Path, name: str = "redis") -> Iterator[tuple[Proc, int]]:
+    """A throwaway redis-server on a free port, no persistence, DEBUG allowed locally."""
+    binary = require_binary("redis-server")
+    for _attempt in range(5):
+        port = free_port()
+        with running(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+                "--logfile",
+                "",
+                "--enable-debug-command",
+                "local",
+            ],
+            name=f"{name}:{port}",
+        ) as p:
+            m = p.wait_for(r"Ready to accept connections|Address already in use|Could not create")
+            if "Ready" in m[0]:
+                yield p, port
+                return
+    raise AssertionError("could not start redis-server on a free port")
+
+
+def redis_cli(port: int, *cmd: str) -> str:
+    binary = require_binary("redis-cli")
+    out = subprocess.run(
+        [binary, "-h", HOST, "-p", str(port), *cmd],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def digest(port: int) -> str:
+    """Redis ``DEBUG DIGEST``: one hash of the whole data set (40 hex digits)."""
+    value = redis_cli(port, "DEBUG", "DIGEST")
+    assert re.fullmatch(r"[0-9a-f]{40}", value), f"not a digest: {value!r}"
+    return value
+
+
+def connect(port: int, timeout: float = WAIT) -> socket.socket:
+    s = socket.create_connection((HOST, port), timeout=timeout)
+    return s
+
+
+def recv_all(s: socket.socket, timeout: float = WAIT) -> bytes:
+    """Read until EOF (bounded by ``timeout`` per read)."""
+    s.settimeout(timeout)
+    chunks: list[bytes] = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
