@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/replicaproxy demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
 unit: $(STAMP)
