@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +41,14 @@ def require_binary(name: str) -> str:
 class Proc:
     """A child process whose stdout and stderr lines are collected as they come."""
 
-    def __init__(self, args: list[str], *, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        name: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.args = args
         self.popen = subprocess.Popen(
@@ -49,6 +57,7 @@ class Proc:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
             start_new_session=True,
         )
         self.lines: list[str] = []  # stdout and stderr, in arrival order
@@ -148,8 +157,8 @@ class Proc:
 
 
 @contextlib.contextmanager
-def running(args: list[str], *, name: str) -> Iterator[Proc]:
-    proc = Proc(args, name=name)
+def running(args: list[str], *, name: str, cwd: Path | None = None) -> Iterator[Proc]:
+    proc = Proc(args, name=name, cwd=cwd)
     try:
         yield proc
     finally:
@@ -169,8 +178,14 @@ def replicaproxy(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def proxy(*args: str, name: str = "proxy") -> Iterator[tuple[Proc, int]]:
-    """``replicaproxy run ARGS`` listening on a free loopback port; yields it and the port."""
-    with running(replicaproxy("run", "--listen", f"{HOST}:0", *args), name=name) as p:
+    """``replicaproxy run ARGS`` listening on a free loopback port; yields it and the port.
+
+    Each proxy gets a state file of its own unless ARGS name one (or a config does).
+    """
+    state: list[str] = []
+    if "--state-file" not in args and "--config" not in args:
+        state = ["--state-file", str(Path(tempfile.mkdtemp(prefix="rp-state-")) / "state.json")]
+    with running(replicaproxy("run", "--listen", f"{HOST}:0", *state, *args), name=name) as p:
         m = p.wait_for(r"listening on [\d.]+:(\d+)")
         yield p, int(m[1])
 
@@ -183,9 +198,9 @@ def example_server(name: str) -> Iterator[tuple[Proc, int]]:
 
 
 @contextlib.contextmanager
-def sink(name: str, *, echo: bool = False) -> Iterator[tuple[Proc, int]]:
+def sink(name: str, *, echo: bool = False, port: int = 0) -> Iterator[tuple[Proc, int]]:
     """A server that counts and hashes what each connection sends (see sink.py)."""
-    args = [sys.executable, str(SINK), *(["--echo"] if echo else [])]
+    args = [sys.executable, str(SINK), "--port", str(port), *(["--echo"] if echo else [])]
     with running(args, name=name) as p:
         m = p.wait_for(r"listening on [\d.]+:(\d+)")
         yield p, int(m[1])

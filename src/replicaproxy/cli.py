@@ -72,6 +72,11 @@ def cli() -> None:
 @click.option("--mode", type=click.Choice(["async", "sync"]), help="Replication mode.")
 @click.option("--admin", metavar="HOST:PORT", help="Admin HTTP address (off unless given).")
 @click.option("--state-file", metavar="PATH", help="Where the replica view is kept.")
+@click.option(
+    "--reset-state",
+    is_flag=True,
+    help="Ignore the state file's view: the config's primary, every replica in sync.",
+)
 @LOG_LEVEL
 def run(
     config_path: str | None,
@@ -82,6 +87,7 @@ def run(
     mode: str | None,
     admin: str | None,
     state_file: str | None,
+    reset_state: bool,
     log_level: str,
 ) -> None:
     """Run the proxy. Flags override the config file.
@@ -105,17 +111,21 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
     _setup_logging(log_level)
-    sys.exit(_run_async(_serve(config)))
+    sys.exit(_run_async(_serve(config, reset_state=reset_state)))
 
 
-async def _serve(config: Config) -> int:
-    from replicaproxy.server import Server
+async def _serve(config: Config, *, reset_state: bool = False) -> int:
+    from replicaproxy.server import Server, StartError
+    from replicaproxy.store import StateError
 
-    server = Server(config)
+    server = Server(config, reset_state=reset_state)
     try:
         await server.serve()
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", config.proxy.listen, exc.strerror or exc)
+    except StateError as exc:
+        click.echo(f"replicaproxy: error: {exc}", err=True)
+        return EXIT_USAGE
+    except StartError as exc:
+        click.echo(f"replicaproxy: error: {exc}", err=True)
         return 1
     return 0
 
@@ -211,6 +221,15 @@ def demo(log_level: str) -> None:
 
     _setup_logging(log_level if log_level != "info" else "warning")
     sys.exit(_run_async(run_demo()))
+
+
+def _attach_ctl() -> None:
+    from replicaproxy.ctl import ctl
+
+    cli.add_command(ctl)
+
+
+_attach_ctl()
 
 
 def _print_flush(line: str) -> None:

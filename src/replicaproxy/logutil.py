@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 
@@ -30,3 +31,15 @@ class RateLimited:
             logger.log(level, msg + " (%d more like this not logged)", *args, held)
         else:
             logger.log(level, msg, *args)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, stable description of an I/O error: ``Connection refused``, not a repr.
+
+    asyncio wraps connect errors as ``OSError(errno, "Connect call failed ...")``;
+    the errno says what happened, so it wins over the message.
+    """
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -61,3 +61,16 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.backend_up = Gauge(
+            "replicaproxy_backend_up",
+            "1 when the health check sees the backend up, 0 when down, -1 before the first check",
+            ["backend"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "replicaproxy_failovers",
+            "Primary changes, by kind (connect, midsession, health, manual)",
+            ["kind"],
+            registry=r,
+        )
+        self.epoch = Gauge("replicaproxy_epoch", "Epoch of the current view", registry=r)

@@ -15,47 +15,65 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from replicaproxy.config import Address, BackendConfig, Config
+from replicaproxy.control import ControlError
 from replicaproxy.core.session import Limits, Member, Session
+from replicaproxy.core.view import IllegalTransition, View
+from replicaproxy.health import Health, HealthChecker
 from replicaproxy.io.driver import ClientProtocol, SessionDriver
 from replicaproxy.logutil import RateLimited
 from replicaproxy.metrics import Metrics
+from replicaproxy.store import FileStateStore, StateError, StateStore
 
 log = logging.getLogger(__name__)
+
+
+class StartError(Exception):
+    """The proxy cannot start (an address in use, say); the message says what and why."""
+
+
 access_log = logging.getLogger("replicaproxy.access")
 
 
 @dataclass(slots=True)
 class Backend:
-    """A backend as the server sees it across sessions."""
+    """A backend as the server sees it across sessions (its sync state is in the view)."""
 
     config: BackendConfig
-    in_sync: bool = True
     sessions: int = 0
-    stale_reason: str = ""
     divergences: int = field(default=0)
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def role(self) -> str:
-        return self.config.role
-
 
 class Server:
     """Runs the proxy described by ``config`` until asked to stop."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics | None = None,
+        *,
+        store: StateStore | None = None,
+        reset_state: bool = False,
+    ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
         self.backends: dict[str, Backend] = {b.name: Backend(b) for b in config.backends}
-        self.primary = config.primary.name
+        self.store: StateStore = store or FileStateStore(config.proxy.state_file)
+        self._reset_state = reset_state
+        # Until start() reads the state file: the config's own view.
+        self.view = View.new(config.primary.name, self._promotable())
         self.sessions: set[SessionDriver] = set()
         self.started = asyncio.Event()
         self.bound: Address | None = None
+        self.admin_bound: Address | None = None
         self._ids = itertools.count(1)
         self._limits = Limits(
             replica_buffer=config.proxy.replica_buffer,
@@ -64,44 +82,164 @@ class Server:
             # twice the connect timeout is already generous for that.
             linger=max(1.0, 2 * config.proxy.connect_timeout),
         )
+        self.health = HealthChecker(
+            config.health,
+            {b.name: b.config.address for b in self.backends.values()},
+            self._health_changed,
+        )
+        self._admin: Any = None
+        self._running = False  # the state file says a proxy runs on this view
         self._listener: asyncio.Server | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._ratelimit = RateLimited()
-        for b in self.backends.values():
-            self.metrics.backend_in_sync.labels(b.name).set(1)
+
+    def _promotable(self) -> list[str]:
+        """Replicas in config order (shadows are never in the view)."""
+        return [b.name for b in self.config.backends if b.role == "replica"]
+
+    def role_of(self, name: str) -> str:
+        if name == self.view.primary:
+            return "primary"
+        return "shadow" if self.backends[name].config.role == "shadow" else "replica"
 
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Bind the listener; ``started`` is set and the address logged once ready."""
+        """Read the view, bind the listener, start health checks and the admin API.
+
+        ``started`` is set and ``listening on HOST:PORT`` logged once clients can come.
+        Raises StateError when the state file cannot be used.
+        """
+        self._load_view()
         loop = asyncio.get_running_loop()
         listen = self.config.proxy.listen
-        self._listener = await loop.create_server(
-            lambda: ClientProtocol(self._accept),
-            listen.host,
-            listen.port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._listener = await loop.create_server(
+                lambda: ClientProtocol(self._accept),
+                listen.host,
+                listen.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as exc:
+            raise StartError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         sock = self._listener.sockets[0].getsockname()
         self.bound = Address(str(sock[0]), int(sock[1]))
+        self.health.start()
+        if self.config.admin.listen is not None:
+            from replicaproxy.admin.app import AdminServer
+
+            admin = self.config.admin.listen
+            self._admin = AdminServer(self, admin, token=self.config.admin.token)
+            try:
+                self.admin_bound = await self._admin.start()
+            except OSError as exc:
+                self._admin = None
+                raise StartError(
+                    f"cannot listen on {admin} (admin API): {exc.strerror or exc}"
+                ) from None
         log.info(
-            "listening on %s (primary %s, %s mode)",
+            "listening on %s (primary %s, %s mode, epoch %d)",
             self.bound,
-            self.primary,
+            self.view.primary,
             self.config.proxy.mode,
+            self.view.epoch,
         )
         self.started.set()
+
+    def _load_view(self) -> None:
+        """Take the persisted view over the config's primary (DESIGN.md "State")."""
+        stored = self.store.load()
+        configured = self._promotable()
+        primary = self.config.primary.name
+        if stored is None or self._reset_state:
+            view = View.new(primary, configured)
+            if stored is not None:
+                view = View(stored.epoch + 1, view.primary, view.backends)
+                log.warning(
+                    "--reset-state: starting from the config (primary %s, every replica in "
+                    "sync), epoch %d",
+                    primary,
+                    view.epoch,
+                )
+            self._store(None if stored is None else stored.epoch, view.with_clean(False))
+            self.view = view.with_clean(False)
+            self._running = True
+        else:
+            try:
+                view, notes = stored.reconcile(primary, [primary, *configured])
+            except IllegalTransition as exc:
+                raise StateError(f"{self.config.proxy.state_file}: {exc}") from None
+            if view.primary != primary:
+                log.warning(
+                    "the state file's view (epoch %d) names %s as primary, not the config's "
+                    "%s: using the state file",
+                    view.epoch,
+                    view.primary,
+                    primary,
+                )
+            for note in notes:
+                log.warning("state file: %s", note)
+            if not stored.clean:
+                # The last proxy died without flushing: input it had accepted may
+                # never have reached some replicas. None can be trusted now.
+                for r in view.replicas():
+                    view = view.mark_stale(r)
+                log.error(
+                    "the last run of the proxy did not stop cleanly: every replica is "
+                    "stale until an operator marks it synced (replicaproxy ctl mark-synced)"
+                )
+            self._store(stored.epoch, view.with_clean(False))
+            self.view = view.with_clean(False)
+            self._running = True
+        self._publish_view()
+
+    def _store(self, old_epoch: int | None, view: View) -> None:
+        if not self.store.compare_and_set(old_epoch, view):
+            raise StateError(
+                f"{self.config.proxy.state_file}: changed by someone else while starting"
+            )
+
+    def _publish_view(self) -> None:
+        self.metrics.epoch.set(self.view.epoch)
+        for b in self.backends.values():
+            self.metrics.backend_in_sync.labels(b.name).set(
+                1 if b.config.role == "shadow" or self.view.in_sync(b.name) else 0
+            )
+
+    def _change(self, new: View, why: str, *, even_if_unsaved: bool = False) -> bool:
+        """Persist ``new``, then make it the view. False (logged) if it could not be stored.
+
+        With ``even_if_unsaved`` the view changes in memory all the same: used for
+        marking stale, where the stricter view is safe even if the disk failed.
+        """
+        if new is self.view:
+            return True
+        try:
+            saved = self.store.compare_and_set(self.view.epoch, new)
+            problem = "" if saved else "the state file was changed by someone else"
+        except StateError as exc:
+            saved, problem = False, str(exc)
+        if not saved:
+            log.error("cannot store view epoch %d (%s): %s", new.epoch, why, problem)
+            if not even_if_unsaved:
+                return False
+        self.view = new
+        self._publish_view()
+        log.warning("view epoch %d: %s (primary %s)", new.epoch, why, new.primary)
+        return True
 
     async def serve(self, *, handle_signals: bool = True) -> None:
         """Start, run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then drain."""
         with self._capture_signals(handle_signals):
-            await self.start()
-            await self._stop.wait()
-            await self.shutdown()
+            try:
+                await self.start()
+                await self._stop.wait()
+            finally:
+                await self.shutdown()
 
     def request_shutdown(self) -> None:
         """Begin an orderly stop; a second request forces it."""
@@ -128,6 +266,18 @@ class Server:
             for driver in list(self.sessions):
                 driver.shutdown()
             await self._wait_idle(self._limits.linger + 1.0)
+        await self.health.stop()
+        if self._admin is not None:
+            await self._admin.stop()
+            self._admin = None
+        if self._running and not self.sessions:
+            # Every session's input reached every replica: the next start may trust them.
+            try:
+                self._store(self.view.epoch, self.view.with_clean(True))
+                self.view = self.view.with_clean(True)
+                self._running = False
+            except StateError as exc:
+                log.error("cannot record the clean stop: %s", exc)
         log.info("stopped")
 
     async def _wait_idle(self, limit: float) -> None:
@@ -173,14 +323,34 @@ class Server:
             )
             transport.abort()
             return None
-        members = [Member(self.primary, "primary")]
-        for b in self.backends.values():
-            if b.name == self.primary:
+        view = self.view
+        min_in_sync = self.config.proxy.min_in_sync
+        if min_in_sync:
+            reachable = [
+                r for r in view.replicas()
+                if view.in_sync(r) and self.health.health(r) != "down"
+            ]  # fmt: skip
+            if len(reachable) < min_in_sync:
+                self.metrics.refused.labels("min_in_sync").inc()
+                self._ratelimit.log(
+                    log,
+                    logging.WARNING,
+                    "min_in_sync",
+                    "refused %s: %d in-sync replicas reachable, min_in_sync is %d",
+                    peer,
+                    len(reachable),
+                    min_in_sync,
+                )
+                transport.abort()
+                return None
+        members = [Member(view.primary, "primary")]
+        for b in self.config.backends:
+            if b.name == view.primary:
                 continue
-            if b.role == "replica" and b.in_sync:
-                members.append(Member(b.name, "replica"))
-            elif b.role == "shadow":
+            if b.role == "shadow":
                 members.append(Member(b.name, "shadow"))
+            elif view.in_sync(b.name):
+                members.append(Member(b.name, "replica"))
         sid = next(self._ids)
         driver = SessionDriver(
             sid,
@@ -206,17 +376,132 @@ class Server:
 
     def write_limit(self, name: str) -> int | None:
         """Replicas and shadows may hold ``replica_buffer`` bytes; the primary the default."""
-        if self.backends[name].role == "primary" and name == self.primary:
-            return None
-        return self.config.proxy.replica_buffer
+        return None if name == self.view.primary else self.config.proxy.replica_buffer
 
     def mark_stale(self, name: str, reason: str, sid: int) -> None:
-        b = self.backends[name]
-        if b.in_sync:
-            b.in_sync = False
-            b.stale_reason = reason
-            self.metrics.backend_in_sync.labels(name).set(0)
-            log.warning("session %d: replica %s is now stale: %s", sid, name, reason)
+        if not self.view.in_sync(name) or name == self.view.primary:
+            return
+        self._change(
+            self.view.mark_stale(name),
+            f"replica {name} is now stale: {reason} (session {sid})",
+            even_if_unsaved=True,
+        )
+
+    def promote_failed(self, old: str, new: str, reason: str, sid: int) -> bool:
+        """Failover at connect, asked by a session: ``old`` failed, ``new`` answered."""
+        view = self.view
+        if view.primary == new:
+            return True  # another session got there first
+        if view.primary != old or not view.in_sync(new):
+            return False
+        return self._failover(new, f"failover at connect (session {sid}): {reason}", "connect")
+
+    def _failover(self, new: str, why: str, kind: str) -> bool:
+        old = self.view.primary
+        if not self._change(self.view.promote(new, old_primary_missed_input=True), why):
+            return False
+        self.metrics.failovers.labels(kind).inc()
+        log.warning("%s is the primary now; %s is stale", new, old)
+        return True
+
+    def _health_changed(self, name: str, health: Health, reason: str) -> None:
+        self.metrics.backend_up.labels(name).set(1 if health == "up" else 0)
+        if health == "up":
+            stale = self.role_of(name) != "shadow" and not self.view.in_sync(name)
+            log.info(
+                "health: %s is up%s", name, " (stays stale until marked synced)" if stale else ""
+            )
+            return
+        log.warning("health: %s is down: %s", name, reason)
+        if name == self.view.primary:
+            self._primary_down(name, reason)
+        elif self.view.in_sync(name):
+            self.mark_stale(name, f"health check saw it down ({reason}); it may restart empty", 0)
+
+    def _primary_down(self, name: str, reason: str) -> None:
+        """The primary failed its health checks: promote the first in-sync replica that is up."""
+        candidates = [
+            b.name
+            for b in self.config.backends
+            if b.name != name
+            and self.role_of(b.name) == "replica"
+            and self.view.in_sync(b.name)
+            and self.health.health(b.name) == "up"
+        ]
+        if not candidates:
+            log.error(
+                "primary %s is down and no in-sync replica is up: new sessions will be "
+                "refused until one is",
+                name,
+            )
+            return
+        if not self._failover(candidates[0], f"failover: primary {name} down ({reason})", "health"):
+            return
+        for driver in list(self.sessions):
+            if driver.session.primary == name:
+                driver.primary_down(reason)
+
+    # ------------------------------------------- Control: the admin API's side
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    def status(self) -> dict[str, Any]:
+        view = self.view
+        return {
+            "epoch": view.epoch,
+            "primary": view.primary,
+            "mode": self.config.proxy.mode,
+            "clean": view.clean,
+            "backends": [
+                {
+                    "name": b.name,
+                    "address": str(b.config.address),
+                    "role": self.role_of(b.name),
+                    # A shadow is never promoted, so it is never stale either.
+                    "state": "in_sync"
+                    if b.config.role == "shadow" or view.in_sync(b.name)
+                    else "stale",
+                    "health": self.health.health(b.name),
+                    "sessions": b.sessions,
+                    "divergences": b.divergences,
+                }
+                for b in self.backends.values()
+            ],
+        }
+
+    def _known(self, name: str) -> Backend:
+        b = self.backends.get(name)
+        if b is None:
+            raise ControlError(404, f"no backend named {name!r}")
+        if b.config.role == "shadow":
+            raise ControlError(409, f"{name!r} is a shadow: shadows are never promoted")
+        return b
+
+    def promote(self, name: str) -> dict[str, Any]:
+        """Planned switchover: new sessions go to ``name``; live ones finish where they are."""
+        self._known(name)
+        try:
+            new = self.view.promote(name, old_primary_missed_input=False)
+        except IllegalTransition as exc:
+            raise ControlError(409, str(exc)) from None
+        old = self.view.primary
+        if not self._change(new, f"switchover by the operator: {old} -> {name}"):
+            raise ControlError(503, "the new view could not be stored: see the proxy's log")
+        self.metrics.failovers.labels("manual").inc()
+        return self.status()
+
+    def mark_synced(self, name: str) -> dict[str, Any]:
+        """The operator copied the primary's data to ``name``: it may be promoted again."""
+        self._known(name)
+        try:
+            new = self.view.mark_synced(name)
+        except IllegalTransition as exc:
+            raise ControlError(409, str(exc)) from None
+        if not self._change(new, f"{name} marked in sync by the operator"):
+            raise ControlError(503, "the new view could not be stored: see the proxy's log")
+        return self.status()
 
     def report(self, kind: str, name: str, detail: str, sid: int) -> None:
         if kind == "divergence":
@@ -257,7 +542,7 @@ class Server:
         self.metrics.client_bytes.labels("to_client").inc(s.delivered)
         access_log.info(
             "session %d client=%s duration=%.3fs from_client=%d to_client=%d backends=%s "
-            "outcome=%s",
+            "outcome=%s%s",
             driver.sid,
             driver.peer,
             time.monotonic() - driver.started,
@@ -265,4 +550,5 @@ class Server:
             s.delivered,
             ",".join(s.members),
             outcome,
+            f" promoted={s.promoted}" if s.promoted else "",
         )

@@ -4,7 +4,7 @@ For each connection it reads until EOF, then answers ``<bytes> <sha256>\\n``
 and closes; it prints ``conn <bytes> <sha256> eof`` (or ``reset``) on stdout,
 so a test can check that a backend received exactly the client's stream.
 With ``--echo`` it also echoes every chunk back as it arrives.
-Run: ``python sink.py [--echo]``; it logs ``listening on HOST:PORT`` on stderr.
+Run: ``python sink.py [--port N] [--echo]``; it logs ``listening on HOST:PORT`` on stderr.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ech
 
 async def main() -> None:
     echo = "--echo" in sys.argv
-    server = await asyncio.start_server(lambda r, w: handle(r, w, echo), "127.0.0.1", 0)
+    port = int(sys.argv[sys.argv.index("--port") + 1]) if "--port" in sys.argv else 0
+    server = await asyncio.start_server(lambda r, w: handle(r, w, echo), "127.0.0.1", port)
     host, port = server.sockets[0].getsockname()[:2]
     print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
     async with server:

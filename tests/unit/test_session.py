@@ -22,6 +22,9 @@ from replicaproxy.core.events import (
     Finished,
     MarkStale,
     PauseReading,
+    PrimaryDown,
+    Promote,
+    PromoteResult,
     Report,
     ResumeReading,
     StartTimer,
@@ -259,17 +262,59 @@ def test_client_reset_flushes_then_closes_every_upstream() -> None:
     assert h(UpstreamClosed(R)) == [Finished("client_reset")]
 
 
-def test_primary_unreachable_refuses_without_sending_anything() -> None:
-    h = make((P, "primary"), (R, "replica"))
+def test_primary_unreachable_and_no_replica_refuses_without_sending_anything() -> None:
+    h = make((P, "primary"), (R, "replica"), (S, "shadow"))
     h.start()
     h(ClientData(b"secret"))
-    h(UpstreamConnected(R))
+    h(UpstreamConnected(S))
+    h(UpstreamConnectFailed(R, "refused"))
     acts = h(UpstreamConnectFailed(P, "refused"))
+    assert Abort(S) in acts and Close(CLIENT) in acts
+    assert not [a for a in h.actions if isinstance(a, Promote)], "a shadow is never promoted"
+    assert not h.of(Write)
+    h(UpstreamClosed(S))
+    assert h(ClientClosed()) == [Finished("refused")]
+
+
+def test_primary_unreachable_promotes_the_first_replica_in_order() -> None:
+    h = make((P, "primary"), ("r1", "replica"), ("r2", "replica"), (S, "shadow"))
+    h.start()
+    h(ClientData(b"hello"))
+    h(UpstreamConnected("r2"))
+    h(UpstreamConnected(S))
+    # r1 is still connecting: wait for it, it comes first in config order.
+    assert h(UpstreamConnectFailed(P, "refused")) == [Report("connect_failed", P, "refused")]
+    acts = h(UpstreamConnected("r1"))
+    assert acts == [Promote("r1", "primary unreachable: refused")]
+    assert not h.of(Write), "nothing is sent before the new primary is confirmed"
+    acts = h(PromoteResult("r1", ok=True))
+    assert h.session.primary == "r1"
+    assert h.session.promoted == "r1"
+    assert ResumeReading(CLIENT) in acts
+    assert h.written["r1"] == b"hello" and h.written["r2"] == b"hello"
+    assert h.written[S] == b"hello"
+    h(UpstreamData("r1", b"answer"))
+    h(UpstreamData("r2", b"answer"))
+    assert h.written[CLIENT] == b"answer"
+    assert not h.reports("divergence")
+    assert not h.stale()
+
+
+def test_primary_unreachable_and_promotion_refused_closes_the_client() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(UpstreamConnected(R))
+    h(UpstreamConnectFailed(P, "refused"))
+    acts = h(PromoteResult(R, ok=False))
     assert Abort(R) in acts and Close(CLIENT) in acts
     assert not h.of(Write)
-    assert not h.stale()
-    h(UpstreamClosed(R))
-    assert h(ClientClosed()) == [Finished("refused")]
+
+
+def test_primary_down_ends_the_session() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    acts = h(PrimaryDown("3 checks failed"))
+    assert Close(CLIENT) in acts
+    assert h.session.outcome == "primary_down"
 
 
 def test_replica_unreachable_is_stale_and_the_session_goes_on() -> None:
@@ -467,3 +512,17 @@ def test_replica_still_connecting_when_the_session_ends_is_stale() -> None:
     h(ClientData(b"only the primary has this"))
     h(ClientClosed("ConnectionResetError"))
     assert h.stale() == {R}
+
+
+def test_primary_down_while_still_connecting_fails_over_like_a_refused_connect() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(ClientData(b"req"))
+    h(UpstreamConnected(R))
+    acts = h(PrimaryDown("health checks failed"))
+    assert Abort(P) in acts
+    assert Promote(R, "primary unreachable: marked down: health checks failed") in acts
+    h(PromoteResult(R, ok=True))
+    assert h.written[R] == b"req" and h.written[P] == b""
+    h(UpstreamClosed(P))
+    assert h.session.primary == R and not h.session.finished

@@ -103,6 +103,21 @@ class IdleTimeout(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PromoteResult(Event):
+    """The answer to :class:`Promote`: whether ``name`` is now the primary."""
+
+    name: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryDown(Event):
+    """The health checker declared this session's primary down."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown(Event):
     """The proxy is stopping and the session's grace period is over."""
 
@@ -171,6 +186,17 @@ class CancelTimer(Action):
 @dataclass(frozen=True, slots=True)
 class MarkStale(Action):
     """The replica ``name`` missed input: it must not be promoted any more."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Promote(Action):
+    """Ask to make the replica ``name`` the primary, because the old one failed.
+
+    The driver answers with :class:`PromoteResult`.
+    """
 
     name: str
     reason: str

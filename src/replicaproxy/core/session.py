@@ -41,6 +41,9 @@ from replicaproxy.core.events import (
     IdleTimeout,
     MarkStale,
     PauseReading,
+    PrimaryDown,
+    Promote,
+    PromoteResult,
     Report,
     ResumeReading,
     Shutdown,
@@ -171,6 +174,10 @@ class Session:
         self._linger_started = False
         self.outcome: str | None = None
         self.finished = False
+        self._primary_lost: str | None = None  # why the first primary could not be reached
+        self._promoting: _Upstream | None = None
+        #: The replica that replaced the primary at connect time, if any.
+        self.promoted: str | None = None
 
     # ----------------------------------------------------------- introspection
 
@@ -265,16 +272,14 @@ class Session:
         if u.state is not _State.CONNECTING:
             return
         u.state = _State.OPEN
-        if u is self._primary:
-            self._gate_open = True
-            for m in self._feeding:
-                if m.state is _State.OPEN:
-                    self._release_held(m, actions)
-            self._resume_client("connect", actions)
-        elif self._gate_open:
-            self._release_held(u, actions)
         if self._ending:
             self._close(u, actions)
+        elif u is self._primary:
+            self._open_gate(actions)
+        elif self._gate_open:
+            self._release_held(u, actions)
+        elif self._primary_lost is not None:
+            self._replace_primary(actions)
 
     def _release_held(self, u: _Upstream, actions: list[Action]) -> None:
         for chunk in u.held:
@@ -292,13 +297,79 @@ class Session:
         self._forget(u, actions)
         actions.append(Report("connect_failed", u.name, event.reason))
         if u is self._primary:
-            self.outcome = "refused"
-            # Nothing was written anywhere yet (the gate opens with the primary).
-            for m in self._feeding:
-                self._abort(m, actions)
-            self._end("refused", actions)
-        elif u.role == "replica":
+            self._primary_lost = event.reason
+            self._replace_primary(actions)
+            return
+        if u.role == "replica":
             actions.append(MarkStale(u.name, f"connect failed: {event.reason}"))
+        if self._primary_lost is not None:
+            self._replace_primary(actions)
+
+    def _replace_primary(self, actions: list[Action]) -> None:
+        """Failover at connect: ask to promote the first reachable replica, in order.
+
+        Nothing was written anywhere yet (the gate opens with the primary), so
+        any in-sync replica of the session can take over from the first byte.
+        """
+        if self._promoting is not None or self._ending:
+            return
+        for r in self._mirrors:
+            if r.role != "replica" or not r.live:
+                continue
+            if r.state is _State.CONNECTING:
+                return  # an earlier replica in order may still answer: wait for it
+            self._promoting = r
+            actions.append(Promote(r.name, f"primary unreachable: {self._primary_lost}"))
+            return
+        self._refuse(actions)
+
+    def _refuse(self, actions: list[Action]) -> None:
+        for m in self._feeding:
+            self._abort(m, actions)
+        self._end("refused", actions)
+
+    def _on_promote_result(self, event: PromoteResult, actions: list[Action]) -> None:
+        r = self._promoting
+        if r is None or r.name != event.name:
+            return
+        self._promoting = None
+        if not event.ok or not r.live or self._ending:
+            if not self._ending:
+                self._refuse(actions)
+            return
+        old = self._primary
+        r.role = "primary"
+        r.compared = False
+        r.ahead = bytearray()
+        self._mirrors.remove(r)
+        self._feeding.remove(r)
+        self._feeding.insert(0, r)
+        self._primary = r
+        self.promoted = r.name
+        if old in self._feeding:
+            self._feeding.remove(old)
+        if r.state is _State.OPEN:
+            self._open_gate(actions)
+
+    def _open_gate(self, actions: list[Action]) -> None:
+        self._gate_open = True
+        for m in self._feeding:
+            if m.state is _State.OPEN:
+                self._release_held(m, actions)
+        self._resume_client("connect", actions)
+
+    def _on_primary_down(self, event: PrimaryDown, actions: list[Action]) -> None:
+        p = self._primary
+        if not self._gate_open and self._primary_lost is None and p.live:
+            # Still connecting, nothing sent anywhere: as good as a failed connect.
+            self._abort(p, actions)
+            self._forget(p, actions)
+            actions.append(Report("connect_failed", p.name, f"marked down: {event.reason}"))
+            self._primary_lost = f"marked down: {event.reason}"
+            self._replace_primary(actions)
+            return
+        actions.append(Report("dropped", p.name, f"marked down: {event.reason}"))
+        self._end("primary_down", actions)
 
     def _on_upstream_data(self, event: UpstreamData, actions: list[Action]) -> None:
         u = self._ups[event.name]
@@ -647,5 +718,7 @@ _HANDLERS: dict[type[Event], Callable[[Session, Any, list[Action]], None]] = {
     WriteUnblocked: Session._on_write_unblocked,
     TimerFired: Session._on_timer,
     IdleTimeout: Session._on_idle,
+    PromoteResult: Session._on_promote_result,
+    PrimaryDown: Session._on_primary_down,
     Shutdown: Session._on_shutdown,
 }

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import re
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from replicaproxy.config import Overrides, build_config
+from replicaproxy.config import config_from_dict
 from replicaproxy.demo.client import run_example_client
 from replicaproxy.demo.protocol import EXPECTED_LINES, REPLY
 from replicaproxy.server import Server
@@ -111,18 +113,32 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     )
 
 
+def _side_by_side(p_lines: list[str], r_lines: list[str]) -> str:
+    rows: list[tuple[str, ...]] = []
+    for i in range(max(len(p_lines), len(r_lines))):
+        p = p_lines[i] if i < len(p_lines) else "(nothing)"
+        r = r_lines[i] if i < len(r_lines) else "(nothing)"
+        rows.append((p, r, "yes" if p == r else "NO"))
+    return _table(rows, ("mv1 (primary)", "mv2 (replica)", "same"))
+
+
 async def run_demo() -> int:
     """Run the demo; return the process exit code (0: everything held)."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # keep in step with the log on stderr
+    expected = list(EXPECTED_LINES)
+    n = len(expected)
     with tempfile.TemporaryDirectory(prefix="replicaproxy-demo-") as tmp:
-        async with example_servers("primary", "replica") as (primary, replica):
-            config = build_config(
-                None,
-                Overrides(
-                    listen="127.0.0.1:0",
-                    primary=f"127.0.0.1:{primary.port}",
-                    replicas=(f"127.0.0.1:{replica.port}",),
-                    state_file=str(Path(tmp) / "state.json"),
-                ),
+        async with example_servers("mv1", "mv2") as (mv1, mv2):
+            config = config_from_dict(
+                {
+                    "proxy": {"listen": "127.0.0.1:0", "state_file": str(Path(tmp) / "state.json")},
+                    "backend": [
+                        {"name": "mv1", "address": f"127.0.0.1:{mv1.port}", "role": "primary"},
+                        {"name": "mv2", "address": f"127.0.0.1:{mv2.port}", "role": "replica"},
+                    ],
+                },
+                source="demo",
             )
             server = Server(config)
             serving = asyncio.get_running_loop().create_task(server.serve(handle_signals=False))
@@ -130,35 +146,49 @@ async def run_demo() -> int:
                 async with asyncio.timeout(STEP_TIMEOUT):
                     await server.started.wait()
                 assert server.bound is not None
-                print(f"primary example server on 127.0.0.1:{primary.port}")
-                print(f"replica example server on 127.0.0.1:{replica.port}")
-                print(f"replicaproxy listening on {server.bound}")
+                port = server.bound.port
+                print("Act 1: the client talks to the proxy; both servers get every byte.")
+                print(f"  mv1, the primary: example server on 127.0.0.1:{mv1.port}")
+                print(f"  mv2, a replica:   example server on 127.0.0.1:{mv2.port}")
+                print(f"  replicaproxy listening on {server.bound}")
                 print()
-                got: list[str] = []
-                reply = await run_example_client(
-                    "127.0.0.1", server.bound.port, out=got.append, connect_deadline=STEP_TIMEOUT
+                reply1 = await run_example_client(
+                    "127.0.0.1", port, out=lambda _: None, connect_deadline=STEP_TIMEOUT
                 )
-                n = len(EXPECTED_LINES)
-                p_lines, r_lines = await asyncio.gather(
-                    primary.read_values(n), replica.read_values(n)
+                p_lines, r_lines = await asyncio.gather(mv1.read_values(n), mv2.read_values(n))
+                print(_side_by_side(p_lines, r_lines))
+                print()
+                print(f"The client got: {reply1}")
+                act1 = p_lines == r_lines == expected and reply1 == REPLY.decode()
+                print()
+                print("Act 2: mv1 is killed (SIGKILL); the client runs again.")
+                mv1.proc.send_signal(signal.SIGKILL)
+                await mv1.proc.wait()
+                reply2 = await run_example_client(
+                    "127.0.0.1", port, out=lambda _: None, connect_deadline=STEP_TIMEOUT
+                )
+                r_lines2 = await mv2.read_values(n)
+                print(_table([(line,) for line in r_lines2], ("mv2 (now the primary)",)))
+                print()
+                print(f"The client got: {reply2} (answered by mv2)")
+                view = server.status()
+                print()
+                print(f"The view: epoch {view['epoch']}, primary {view['primary']}")
+                for b in view["backends"]:
+                    print(f"  {b['name']}: {b['role']}, {b['state']}")
+                act2 = (
+                    r_lines2 == expected
+                    and reply2 == REPLY.decode()
+                    and view["primary"] == "mv2"
+                    and view["epoch"] == 1
                 )
             finally:
                 server.request_shutdown()
                 await serving
-    rows: list[tuple[str, ...]] = []
-    for i in range(max(len(p_lines), len(r_lines))):
-        p = p_lines[i] if i < len(p_lines) else "(nothing)"
-        r = r_lines[i] if i < len(r_lines) else "(nothing)"
-        rows.append((p, r, "yes" if p == r else "NO"))
-    print("What each server received through the proxy:")
-    print(_table(rows, ("primary", "replica", "same")))
     print()
-    print(f"The client got: {reply}")
-    ok = p_lines == r_lines == list(EXPECTED_LINES) and reply == REPLY.decode()
-    print()
-    if ok:
-        print("demo: ok: the replica received exactly what the primary received,")
-        print("      and the client got the primary's HOLA.")
+    if act1 and act2:
+        print("demo: ok: mv2 received exactly what mv1 received, the client got HOLA,")
+        print("      and when mv1 died mv2 took over with everything it had seen.")
         return 0
-    print("demo: FAILED: see the table above")
+    print("demo: FAILED: see above")
     return 1

@@ -31,6 +31,9 @@ from replicaproxy.core.events import (
     IdleTimeout,
     MarkStale,
     PauseReading,
+    PrimaryDown,
+    Promote,
+    PromoteResult,
     Report,
     ResumeReading,
     Shutdown,
@@ -48,8 +51,12 @@ from replicaproxy.core.events import (
     WriteUnblocked,
 )
 from replicaproxy.core.session import Session
+from replicaproxy.logutil import describe_error
 
 log = logging.getLogger(__name__)
+
+#: Connect attempts per upstream per session (see SessionDriver._connect).
+CONNECT_TRIES = 3
 
 
 class SessionHost(Protocol):
@@ -58,14 +65,13 @@ class SessionHost(Protocol):
     def address_of(self, name: str) -> Address: ...
     def write_limit(self, name: str) -> int | None: ...
     def mark_stale(self, name: str, reason: str, sid: int) -> None: ...
+    def promote_failed(self, old: str, new: str, reason: str, sid: int) -> bool: ...
     def report(self, kind: str, name: str, detail: str, sid: int) -> None: ...
     def session_finished(self, driver: SessionDriver, outcome: str) -> None: ...
 
 
 def _describe(exc: BaseException | None) -> str | None:
-    if exc is None:
-        return None
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None if exc is None else describe_error(exc)
 
 
 class SessionDriver:
@@ -147,6 +153,10 @@ class SessionDriver:
         """The server's grace period is over: end the session now."""
         self.feed(Shutdown())
 
+    def primary_down(self, reason: str) -> None:
+        """The health checker declared this session's primary down."""
+        self.feed(PrimaryDown(reason))
+
     # --------------------------------------------------------------- actions
 
     def _do(self, action: Action) -> None:
@@ -190,6 +200,14 @@ class SessionDriver:
                 handle.cancel()
         elif isinstance(action, MarkStale):
             self.host.mark_stale(action.name, action.reason, self.sid)
+        elif isinstance(action, Promote):
+            ok = self.host.promote_failed(
+                self.session.primary, action.name, action.reason, self.sid
+            )
+            t = self._transports.get(action.name)
+            if ok and t is not None:
+                t.set_write_buffer_limits()  # a primary's limits: it sets the client's pace
+            self.feed(PromoteResult(action.name, ok))
         elif isinstance(action, Report):
             self.host.report(action.kind, action.name, action.detail, self.sid)
         elif isinstance(action, Finished):
@@ -206,17 +224,33 @@ class SessionDriver:
             task.cancel()  # without a transport yet, _connect reports UpstreamClosed
 
     async def _connect(self, name: str) -> None:
+        """Connect to ``name``, retrying a refused connect briefly within connect_timeout.
+
+        A backend restarting, or a full accept queue, refuses for a moment; a
+        dead one keeps refusing. Three tries 50 and 100 ms apart tell them apart
+        without delaying a failover by more than that.
+        """
         address = self.host.address_of(name)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                transport, _ = await self.loop.create_connection(
-                    lambda: UpstreamProtocol(self, name), address.host, address.port
-                )
-        except TimeoutError:
-            self.feed(UpstreamConnectFailed(name, f"no answer within {self._connect_timeout} s"))
+        deadline = self.loop.time() + self._connect_timeout
+        delay = 0.05
+        for attempt in range(1, CONNECT_TRIES + 1):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    transport, _ = await self.loop.create_connection(
+                        lambda: UpstreamProtocol(self, name), address.host, address.port
+                    )
+                break
+            except TimeoutError:
+                reason = f"no answer within {self._connect_timeout} s"
+            except OSError as exc:
+                reason = describe_error(exc)
+                if attempt < CONNECT_TRIES and self.loop.time() + delay < deadline:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+            self.feed(UpstreamConnectFailed(name, reason))
             return
-        except OSError as exc:
-            self.feed(UpstreamConnectFailed(name, _describe(exc) or "error"))
+        else:  # pragma: no cover - the loop always breaks or returns
             return
         limit = self.host.write_limit(name)
         if limit is not None:

@@ -1,0 +1,132 @@
+"""Active health checks: a TCP connect, optionally a probe and its expected answer.
+
+Each backend is checked every ``interval``; ``fall`` failures in a row mark it
+down, ``rise`` successes in a row mark it up (HAProxy's terms). The counting is
+:class:`HealthState`, without I/O; :class:`HealthChecker` runs the probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+from replicaproxy.config import Address, HealthConfig
+from replicaproxy.logutil import describe_error
+
+log = logging.getLogger(__name__)
+
+Health = Literal["up", "down", "unknown"]
+
+#: Most bytes read while looking for ``expect`` in a probe's answer.
+EXPECT_READ_LIMIT = 64 * 1024
+
+
+class HealthState:
+    """Counts check results for one backend and says when its health changes."""
+
+    def __init__(self, fall: int, rise: int) -> None:
+        self.fall = fall
+        self.rise = rise
+        self.health: Health = "unknown"
+        self._fails = 0
+        self._oks = 0
+
+    def record(self, ok: bool) -> Health | None:
+        """Count one result; return the new health when it changed."""
+        if ok:
+            self._oks += 1
+            self._fails = 0
+            # From unknown, one success is enough: the proxy just started and
+            # waiting for `rise` would only delay the first status.
+            if self.health != "up" and (self.health == "unknown" or self._oks >= self.rise):
+                self.health = "up"
+                return "up"
+        else:
+            self._fails += 1
+            self._oks = 0
+            if self.health != "down" and self._fails >= self.fall:
+                self.health = "down"
+                return "down"
+        return None
+
+
+async def probe(address: Address, config: HealthConfig) -> str | None:
+    """Check ``address`` once; return None when healthy, else why not."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(config.timeout):
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            if config.send:
+                writer.write(config.send)
+                await writer.drain()
+            if config.expect:
+                seen = b""
+                while config.expect not in seen:
+                    data = await reader.read(4096)
+                    if not data:
+                        return f"closed before sending {config.expect!r}"
+                    seen = (seen + data)[-EXPECT_READ_LIMIT:]
+    except TimeoutError:
+        return f"no answer within {config.timeout} s"
+    except OSError as exc:
+        return describe_error(exc)
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return None
+
+
+class HealthChecker:
+    """Checks every backend in the background; calls ``on_change(name, health, reason)``."""
+
+    def __init__(
+        self,
+        config: HealthConfig,
+        backends: Mapping[str, Address],
+        on_change: Callable[[str, Health, str], None],
+    ) -> None:
+        self.config = config
+        self.addresses = dict(backends)
+        self.states = {name: HealthState(config.fall, config.rise) for name in backends}
+        self._on_change = on_change
+        self._tasks: list[asyncio.Task[None]] = []
+        self.last_error: dict[str, str] = {}
+
+    def health(self, name: str) -> Health:
+        state = self.states.get(name)
+        return state.health if state is not None else "unknown"
+
+    def start(self) -> None:
+        for name in self.addresses:
+            self._tasks.append(asyncio.create_task(self._loop(name), name=f"health:{name}"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+
+    async def _loop(self, name: str) -> None:
+        address = self.addresses[name]
+        state = self.states[name]
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            error = await probe(address, self.config)
+            if error is not None:
+                self.last_error[name] = error
+            changed = state.record(error is None)
+            if changed is not None:
+                try:
+                    self._on_change(name, changed, error or "check passed")
+                except Exception:
+                    log.exception("health: handling %s going %s failed", name, changed)
+            # Checks start `interval` apart, however long each took.
+            await asyncio.sleep(max(0.0, self.config.interval - (loop.time() - started)))

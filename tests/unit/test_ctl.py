@@ -1,0 +1,307 @@
+"""``replicaproxy ctl`` against a real admin API (in-memory Control) on loopback.
+
+The admin server runs in its own thread's event loop, because ctl's urllib calls block: run
+on the test's loop they would wait forever for a server that cannot answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from click.testing import CliRunner, Result
+from rich.console import Console
+
+from fake_control import FakeBackend, FakeControl
+from replicaproxy.admin import AdminServer
+from replicaproxy.config import Address
+from replicaproxy.ctl import CtlError, ctl, fetch_status, post, render_status
+
+#: The bound on any single wait in these tests (server start/stop, a thread to finish).
+WAIT = 10.0
+TOKEN = "s3cret-token"
+HINT = "(is `replicaproxy run` started with --admin?)"
+
+
+@contextmanager
+def admin_api(control: FakeControl, token: str = "") -> Iterator[str]:
+    """Serve ``control`` on 127.0.0.1, a free port, from a background thread; yield HOST:PORT."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="admin-api", daemon=True)
+    thread.start()
+    server = AdminServer(control, Address("127.0.0.1", 0), token=token)
+    try:
+        address = asyncio.run_coroutine_threadsafe(server.start(), loop).result(WAIT)
+        yield str(address)
+    finally:
+        try:
+            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(WAIT)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(WAIT)
+            loop.close()
+
+
+@contextmanager
+def one_answer(raw: bytes) -> Iterator[str]:
+    """A server that reads one request, answers ``raw`` bytes and closes; yield HOST:PORT.
+
+    Empty ``raw``: it never answers, it waits for the client to give up.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WAIT)
+
+    def answer() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(WAIT)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            if raw:
+                conn.sendall(raw)
+            else:
+                while conn.recv(4096):  # until the client closes
+                    pass
+
+    thread = threading.Thread(target=answer, name="one-answer", daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        thread.join(WAIT)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, read, closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run ``ctl ARGS`` with no color forced and no ctl settings from the real environment."""
+    clean: dict[str, str | None] = {
+        "FORCE_COLOR": None,
+        "TTY_COMPATIBLE": None,
+        "REPLICAPROXY_ADMIN": None,
+        "REPLICAPROXY_TOKEN": None,
+    }
+    clean.update(env or {})
+    return CliRunner(env=clean).invoke(ctl, list(args))
+
+
+@pytest.fixture
+def fake() -> FakeControl:
+    return FakeControl()
+
+
+@pytest.fixture
+def admin(fake: FakeControl) -> Iterator[str]:
+    with admin_api(fake) as address:
+        yield address
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_prints_a_plain_table(admin: str) -> None:
+    result = invoke("--admin", admin, "status")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "\x1b" not in out
+    lines = out.splitlines()
+    assert lines[0] == "epoch 1  primary mv1  mode async"
+    assert max(len(line) for line in lines) <= 120
+    rows = {words[0]: words[1:] for words in (_cells(line) for line in lines) if words}
+    assert rows["backend"] == ["address", "role", "state", "health", "sessions"]
+    assert rows["mv1"] == ["127.0.0.1:7001", "primary", "in_sync", "up", "2"]
+    assert rows["mv2"] == ["127.0.0.1:7002", "replica", "in_sync", "up", "0"]
+    assert rows["mv3"] == ["127.0.0.1:7003", "replica", "stale", "down", "0"]
+    assert rows["canary"] == ["127.0.0.1:7004", "shadow", "in_sync", "up", "0"]
+
+
+def test_status_table_does_not_wrap_past_80_columns(admin: str, fake: FakeControl) -> None:
+    address = "db-west-2.internal.example.com:7005"
+    fake.backends.append(FakeBackend("replica-west", address, "replica", sessions=12345))
+    result = invoke("--admin", admin, "status")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "replica-west" in line)
+    assert _cells(row) == ["replica-west", address, "replica", "in_sync", "up", "12345"]
+    assert len(row) > 80
+
+
+def test_status_table_styles_stale_down_and_primary_rows(fake: FakeControl) -> None:
+    fake.backends[1].health = "down"
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, color_system="standard", width=120)
+    render_status(fake.status(), console)
+    rows = {_cells(_ANSI.sub("", line))[0]: line for line in out.getvalue().splitlines()[1:]}
+    assert set(_ANSI.findall(rows["mv1"])) == {"\x1b[1m", "\x1b[0m"}  # the primary: bold
+    assert set(_ANSI.findall(rows["mv2"])) == {"\x1b[33m", "\x1b[0m"}  # in sync, down: yellow
+    assert set(_ANSI.findall(rows["mv3"])) == {"\x1b[31m", "\x1b[0m"}  # stale: red
+    assert _ANSI.findall(rows["canary"]) == []
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _cells(line: str) -> list[str]:
+    """The words of a table row (box-drawing characters dropped)."""
+    return [word for word in line.split() if word not in {"│", "┃", "|"}]
+
+
+def test_status_json_is_the_status(admin: str, fake: FakeControl) -> None:
+    result = invoke("--admin", admin, "status", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == fake.status()
+    assert result.stdout.startswith('{\n  "epoch": 1,')
+
+
+def test_admin_address_from_the_environment(admin: str) -> None:
+    result = invoke("status", "--json", env={"REPLICAPROXY_ADMIN": admin})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["primary"] == "mv1"
+
+
+def test_fetch_status_and_post_return_the_answer(admin: str, fake: FakeControl) -> None:
+    assert fetch_status(admin) == fake.status()
+    assert post(admin, "/backends/mv2/promote")["primary"] == "mv2"
+    assert fake.primary == "mv2"
+
+
+# --------------------------------------------------------------------------- acting
+
+
+def test_promote(admin: str, fake: FakeControl) -> None:
+    result = invoke("--admin", admin, "promote", "mv2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "promoted mv2: epoch 2, primary mv2\n"
+    assert fake.primary == "mv2"
+
+
+def test_mark_synced(admin: str, fake: FakeControl) -> None:
+    result = invoke("--admin", admin, "mark-synced", "mv3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "mv3 marked in sync: epoch 2\n"
+    assert fake.backends[2].state == "in_sync"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["promote", "mv3"], "backend 'mv3' is stale and cannot be promoted (HTTP 409)"),
+        (["promote", "nope"], "no backend named 'nope' (HTTP 404)"),
+        (["promote", "no/such"], "no backend named 'no/such' (HTTP 404)"),
+        (["mark-synced", "mv2"], "backend 'mv2' is already in sync (HTTP 409)"),
+    ],
+)
+def test_a_refusal_exits_1_with_the_servers_message(
+    admin: str, fake: FakeControl, args: list[str], message: str
+) -> None:
+    before = fake.snapshot()
+    result = invoke("--admin", admin, *args)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == f"Error: {message}\n"
+    assert fake.snapshot() == before
+
+
+# --------------------------------------------------------------------------- token
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--token", TOKEN], {}),
+        ([], {"REPLICAPROXY_TOKEN": TOKEN}),
+    ],
+    ids=["flag", "env"],
+)
+def test_the_token_is_sent(args: list[str], env: dict[str, str]) -> None:
+    fake = FakeControl()
+    with admin_api(fake, token=TOKEN) as address:
+        result = invoke("--admin", address, *args, "promote", "mv2", env=env)
+    assert result.exit_code == 0, result.output
+    assert fake.primary == "mv2"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "this request needs 'Authorization: Bearer <token>' (HTTP 401)"),
+        (["--token", "wrong"], "wrong token (HTTP 403)"),
+    ],
+)
+def test_a_missing_or_wrong_token_exits_1(args: list[str], message: str) -> None:
+    fake = FakeControl()
+    with admin_api(fake, token=TOKEN) as address:
+        result = invoke("--admin", address, *args, "mark-synced", "mv3")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {message}\n"
+    assert fake.backends[2].state == "stale"
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_an_unreachable_admin_api_exits_1_saying_so() -> None:
+    port = closed_port()
+    result = invoke("--admin", f"127.0.0.1:{port}", "status")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: cannot reach the admin API at 127.0.0.1:{port}: Connection refused {HINT}\n"
+    )
+
+
+def test_a_bad_admin_address_exits_1_naming_the_flag() -> None:
+    result = invoke("--admin", "nonsense", "status")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: --admin: expected 'HOST:PORT'")
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [(b"<html>hello</html>", "text/html"), (b"[1, 2]", "application/json")],
+)
+def test_an_answer_that_is_not_a_json_object_is_an_error(body: bytes, content_type: str) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        content_type.encode(),
+        len(body),
+        body,
+    )
+    with one_answer(raw) as address, pytest.raises(CtlError) as caught:
+        fetch_status(address)
+    assert str(caught.value) == (
+        f"the admin API at {address} answered GET /status with something that is not "
+        f"a JSON object (Content-Type {content_type!r})"
+    )
+
+
+def test_an_http_error_without_json_names_the_code() -> None:
+    raw = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nbad"
+    with one_answer(raw) as address, pytest.raises(CtlError) as caught:
+        post(address, "/backends/mv2/promote")
+    assert str(caught.value) == f"the admin API at {address} answered HTTP 502 Bad Gateway"
+
+
+def test_an_answer_that_is_not_http_is_an_error() -> None:
+    with one_answer(b"SSH-2.0-OpenSSH_9.6\r\n") as address, pytest.raises(CtlError) as caught:
+        fetch_status(address)
+    assert str(caught.value).startswith(f"bad answer from the admin API at {address}: ")
+
+
+def test_no_answer_times_out() -> None:
+    with one_answer(b"") as address, pytest.raises(CtlError) as caught:
+        fetch_status(address, timeout=0.2)
+    assert str(caught.value) == f"the admin API at {address} did not answer within 0.2s"
