@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,10 @@ class Server:
             # A healthy backend takes its last bytes within a few round trips;
             # twice the connect timeout is already generous for that.
             linger=max(1.0, 2 * config.proxy.connect_timeout),
+            mode=config.proxy.mode,
+            replica_timeout=config.proxy.replica_timeout,
+            min_in_sync=config.proxy.min_in_sync,
+            divergence_stale=config.proxy.divergence == "stale",
         )
         self.health = HealthChecker(
             config.health,
@@ -348,7 +353,8 @@ class Server:
             if b.name == view.primary:
                 continue
             if b.role == "shadow":
-                members.append(Member(b.name, "shadow"))
+                if b.sample >= 1.0 or random.random() < b.sample:
+                    members.append(Member(b.name, "shadow"))
             elif view.in_sync(b.name):
                 members.append(Member(b.name, "replica"))
         sid = next(self._ids)
@@ -387,14 +393,23 @@ class Server:
             even_if_unsaved=True,
         )
 
-    def promote_failed(self, old: str, new: str, reason: str, sid: int) -> bool:
-        """Failover at connect, asked by a session: ``old`` failed, ``new`` answered."""
+    def promote_failed(self, old: str, new: str, reason: str, sid: int, kind: str) -> bool:
+        """A session lost its primary ``old`` and moved to ``new`` (or wants to).
+
+        ``kind`` is ``connect`` (the session waits for the answer) or
+        ``midsession`` (it already took over). The view follows if it still
+        names ``old``; if another session moved it first, the answer is whether
+        ``new`` is still in sync.
+        """
         view = self.view
         if view.primary == new:
             return True  # another session got there first
-        if view.primary != old or not view.in_sync(new):
+        if view.primary != old:
+            return view.in_sync(new)
+        if not view.in_sync(new):
             return False
-        return self._failover(new, f"failover at connect (session {sid}): {reason}", "connect")
+        where = "at connect" if kind == "connect" else "mid-session"
+        return self._failover(new, f"failover {where} (session {sid}): {reason}", kind)
 
     def _failover(self, new: str, why: str, kind: str) -> bool:
         old = self.view.primary
@@ -525,6 +540,8 @@ class Server:
         elif kind == "dropped":
             self.metrics.dropped.labels(name).inc()
             log.warning("session %d: %s left the session: %s", sid, name, detail)
+        elif kind in ("takeover", "closed"):
+            log.warning("session %d: %s: %s", sid, name, detail)
         else:
             log.info("session %d: %s %s: %s", sid, kind, name, detail)
 
@@ -542,7 +559,7 @@ class Server:
         self.metrics.client_bytes.labels("to_client").inc(s.delivered)
         access_log.info(
             "session %d client=%s duration=%.3fs from_client=%d to_client=%d backends=%s "
-            "outcome=%s%s",
+            "outcome=%s%s%s",
             driver.sid,
             driver.peer,
             time.monotonic() - driver.started,
@@ -551,4 +568,5 @@ class Server:
             ",".join(s.members),
             outcome,
             f" promoted={s.promoted}" if s.promoted else "",
+            f" takeovers={s.takeovers}" if s.takeovers else "",
         )

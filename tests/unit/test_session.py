@@ -222,11 +222,11 @@ def test_half_close_both_ways_and_normal_end() -> None:
     assert h.eof_sent == {P: 3, R: 3}
     h(UpstreamData(P, b"resp"))
     h(UpstreamData(R, b"resp"))
-    acts = h(UpstreamEof(P))
+    # The primary's EOF waits for the replica to confirm it (bounded by close_grace).
+    assert h(UpstreamEof(P)) == [StartTimer(Timer.PRIMARY_EOF, 0.2)]
+    acts = h(UpstreamEof(R))
     assert WriteEof(CLIENT) in acts
-    assert Close(CLIENT) in acts and Close(P) in acts
-    assert StartTimer(Timer.CLOSE_GRACE, 0.2) in acts
-    assert Close(R) in h(UpstreamEof(R))
+    assert Close(CLIENT) in acts and Close(P) in acts and Close(R) in acts
     h(ClientClosed())
     h(UpstreamClosed(P))
     acts = h(UpstreamClosed(R))
@@ -244,11 +244,13 @@ def test_primary_half_close_lets_the_client_keep_sending() -> None:
     assert not h.of(Close)
 
 
-def test_replica_still_talking_is_closed_after_close_grace() -> None:
+def test_replica_that_never_closes_is_closed_after_close_grace() -> None:
     h = connected((P, "primary"), (R, "replica"))
     h(ClientEof())
     h(UpstreamEof(P))
-    assert Close(R) not in h.actions
+    assert Close(R) not in h.actions and WriteEof(CLIENT) not in h.actions
+    acts = h(TimerFired(Timer.PRIMARY_EOF))
+    assert WriteEof(CLIENT) in acts
     assert Close(R) in h(TimerFired(Timer.CLOSE_GRACE))
 
 
@@ -285,7 +287,7 @@ def test_primary_unreachable_promotes_the_first_replica_in_order() -> None:
     # r1 is still connecting: wait for it, it comes first in config order.
     assert h(UpstreamConnectFailed(P, "refused")) == [Report("connect_failed", P, "refused")]
     acts = h(UpstreamConnected("r1"))
-    assert acts == [Promote("r1", "primary unreachable: refused")]
+    assert acts == [Promote("r1", P, "primary unreachable: refused", "connect")]
     assert not h.of(Write), "nothing is sent before the new primary is confirmed"
     acts = h(PromoteResult("r1", ok=True))
     assert h.session.primary == "r1"
@@ -310,11 +312,12 @@ def test_primary_unreachable_and_promotion_refused_closes_the_client() -> None:
     assert not h.of(Write)
 
 
-def test_primary_down_ends_the_session() -> None:
-    h = connected((P, "primary"), (R, "replica"))
+def test_primary_down_without_a_replica_ends_the_session() -> None:
+    h = connected((P, "primary"), (S, "shadow"))
     acts = h(PrimaryDown("3 checks failed"))
     assert Close(CLIENT) in acts
-    assert h.session.outcome == "primary_down"
+    assert h.session.outcome == "primary_failed"
+    assert not [a for a in acts if isinstance(a, Promote)]
 
 
 def test_replica_unreachable_is_stale_and_the_session_goes_on() -> None:
@@ -341,6 +344,7 @@ def test_replica_that_does_not_take_its_input_at_the_end_is_stale() -> None:
     h = connected((P, "primary"), (R, "replica"))
     h(ClientEof())
     h(UpstreamEof(P))
+    h(TimerFired(Timer.PRIMARY_EOF))
     h(TimerFired(Timer.CLOSE_GRACE))
     acts = h(TimerFired(Timer.LINGER))
     assert Abort(R) in acts
@@ -352,10 +356,11 @@ def test_replica_answering_short_at_a_normal_end_is_a_divergence() -> None:
     h(UpstreamData(P, b"abc"))
     h(UpstreamData(R, b"ab"))
     h(UpstreamEof(R))
-    h(ClientEof())
-    h(UpstreamEof(P))
     [report] = h.reports("divergence")
-    assert "length" in report.detail
+    assert "ended early" in report.detail
+    h(ClientEof())
+    acts = h(UpstreamEof(P))
+    assert WriteEof(CLIENT) in acts, "a diverged replica is not waited for"
 
 
 # --------------------------------------------------------------- properties
@@ -521,8 +526,34 @@ def test_primary_down_while_still_connecting_fails_over_like_a_refused_connect()
     h(UpstreamConnected(R))
     acts = h(PrimaryDown("health checks failed"))
     assert Abort(P) in acts
-    assert Promote(R, "primary unreachable: marked down: health checks failed") in acts
+    assert Promote(R, P, "primary unreachable: marked down: health checks failed") in acts
     h(PromoteResult(R, ok=True))
     assert h.written[R] == b"req" and h.written[P] == b""
     h(UpstreamClosed(P))
     assert h.session.primary == R and not h.session.finished
+
+
+def test_replica_that_closed_before_the_primary_and_got_more_input_is_stale() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"first "))
+    h(UpstreamEof(R))  # a killed process closes with FIN
+    h(ClientData(b"second"))
+    h(ClientEof())
+    h(UpstreamData(P, b"answer"))
+    h(UpstreamEof(P))
+    h(UpstreamClosed(R, None))  # closed quietly: nothing else tells it missed input
+    assert R in h.stale()
+
+
+def test_replica_closing_at_the_same_point_as_the_primary_is_not_stale() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"question"))
+    h(UpstreamData(P, b"bye"))
+    h(UpstreamData(R, b"bye"))
+    h(UpstreamEof(R))
+    h(UpstreamEof(P))
+    h(ClientData(b"late"))  # reaches two half-closed servers alike
+    h(ClientEof())
+    h(UpstreamClosed(P, None))
+    h(UpstreamClosed(R, "ConnectionResetError"))
+    assert not h.stale()

@@ -23,6 +23,10 @@ class Timer(enum.Enum):
     CLOSE_GRACE = "close_grace"
     #: After close: how long upstreams may take to accept their last input bytes.
     LINGER = "linger"
+    #: After the primary's EOF: how long replicas may take to confirm it.
+    PRIMARY_EOF = "primary_eof"
+    #: Sync mode: how long a replica may hold back a reply byte the primary sent.
+    REPLICA_TIMEOUT = "replica_timeout"
 
 
 # ---------------------------------------------------------------------- events
@@ -193,13 +197,18 @@ class MarkStale(Action):
 
 @dataclass(frozen=True, slots=True)
 class Promote(Action):
-    """Ask to make the replica ``name`` the primary, because the old one failed.
+    """Ask to make the replica ``name`` the primary, because ``old`` failed.
 
-    The driver answers with :class:`PromoteResult`.
+    ``kind`` is ``connect`` (before any byte was sent; the session waits for the
+    answer) or ``midsession`` (the session already took over; the answer only
+    says whether the proxy's view followed). The driver answers with
+    :class:`PromoteResult` and gives ``name``'s connection a primary's limits.
     """
 
     name: str
+    old: str
     reason: str
+    kind: str = "connect"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,5 +237,7 @@ REPORT_KINDS = frozenset(
         "dropped",  # an upstream left the session before its end (overflow, error)
         "divergence",  # a replica or shadow answered differently from the primary
         "compare_lost",  # a replica fell so far behind that its output is no longer compared
+        "takeover",  # a replica took over the session from a failed primary
+        "closed",  # the session could not go on (no replica to take over, too few in sync)
     }
 )

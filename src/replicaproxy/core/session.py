@@ -12,12 +12,21 @@ Offsets it keeps (DESIGN.md "The session core"):
   Every upstream still in the session has been handed the same prefix of the
   one client stream; when every upstream is connected ``fed`` is equal for all.
 * ``out[u]``: bytes received from ``u``; ``delivered``: bytes given to the
-  client. In async mode ``delivered == out[primary]``.
+  client. The *frontier* is how much of the primary's output stream is known:
+  normally ``out[primary]``; after a takeover by a replica that was behind, the
+  new primary first repeats bytes up to the frontier (compared, not sent again).
+* async mode: ``delivered`` is the frontier (the client gets primary bytes at
+  once). sync mode: ``delivered`` is the least ``out[r]`` over the session's
+  in-sync replicas, capped at the frontier: the client gets a byte only once
+  every in-sync replica has produced the same byte.
 * Each replica's and shadow's output is compared with the primary's at equal
-  offsets. The primary's output is kept only as far back as the slowest
-  compared upstream needs it, and never more than ``compare_window`` bytes;
-  an upstream that is ahead of the primary keeps its extra bytes, also at most
-  ``compare_window`` before its reading is paused.
+  offsets. The primary's stream is kept only as far back as someone still needs
+  it (the slowest compared upstream, or the client in sync mode), at most
+  ``compare_window`` bytes; an upstream ahead of the primary keeps its extra
+  bytes, also at most ``compare_window`` before its reading is paused.
+* Takeover to ``r``: the client continues with ``r``'s output from offset
+  ``delivered``: never a byte before it again, never a gap, and only where
+  ``r``'s output has matched so far.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from replicaproxy.core.events import (
     CLIENT,
     Abort,
     Action,
+    CancelTimer,
     ClientClosed,
     ClientData,
     ClientEof,
@@ -81,6 +91,14 @@ class Limits:
     close_grace: float = 0.2
     #: After closing, how long an upstream may take to accept its last bytes.
     linger: float = 2.0
+    #: "sync": the client gets a byte only after every in-sync replica produced it.
+    mode: Literal["async", "sync"] = "async"
+    #: Sync mode: how long a replica may hold back a byte the primary sent.
+    replica_timeout: float = 2.0
+    #: Sync mode: fewer in-sync replicas than this left in the session ends it.
+    min_in_sync: int = 0
+    #: A diverging replica also becomes stale (always so in sync mode).
+    divergence_stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +125,7 @@ class _Upstream:
         "eof_received",
         "eof_sent",
         "fed",
+        "fed_at_eof",
         "held",
         "held_size",
         "matched",
@@ -126,6 +145,7 @@ class _Upstream:
         self.fed = 0
         self.out = 0
         self.eof_received = False
+        self.fed_at_eof = 0  # input handed to it when its EOF came
         self.eof_sent = False
         self.compared = member.role != "primary"  # output still compared with the primary's
         self.matched = True  # no mismatch seen so far
@@ -161,12 +181,19 @@ class Session:
         ]
         self._mirrors: list[_Upstream] = self._feeding[1:]  # compared with the primary
         self._gate_open = False  # input flows once the primary is connected
+        self._sync = self.limits.mode == "sync"
         self._client_pause: set[str] = set()
-        self._primary_read_paused = False
+        self._primary_pause: set[str] = set()
         self.received = 0  # bytes read from the client
         self.delivered = 0  # bytes written to the client
-        self._window = bytearray()  # primary output from _window_base to out[primary]
+        self._frontier = 0  # bytes of the primary's output stream known
+        self._window = bytearray()  # that stream from _window_base to the frontier
         self._window_base = 0
+        self._eof_pending = False  # the primary's EOF came, the replicas did not confirm it
+        self._eof_forwarded = False  # the client got its EOF
+        self._replica_timer = False  # sync mode: REPLICA_TIMEOUT is running
+        #: How often a replica took the session over mid-way.
+        self.takeovers = 0
         self.client_eof = False
         self.client_closed = False
         self._client_closing = False
@@ -319,7 +346,8 @@ class Session:
             if r.state is _State.CONNECTING:
                 return  # an earlier replica in order may still answer: wait for it
             self._promoting = r
-            actions.append(Promote(r.name, f"primary unreachable: {self._primary_lost}"))
+            reason = f"primary unreachable: {self._primary_lost}"
+            actions.append(Promote(r.name, self._primary.name, reason, "connect"))
             return
         self._refuse(actions)
 
@@ -368,8 +396,8 @@ class Session:
             self._primary_lost = f"marked down: {event.reason}"
             self._replace_primary(actions)
             return
-        actions.append(Report("dropped", p.name, f"marked down: {event.reason}"))
-        self._end("primary_down", actions)
+        if p.live:
+            self._takeover(f"{p.name} marked down: {event.reason}", actions)
 
     def _on_upstream_data(self, event: UpstreamData, actions: list[Action]) -> None:
         u = self._ups[event.name]
@@ -384,12 +412,22 @@ class Session:
     def _primary_output(self, data: bytes, actions: list[Action]) -> None:
         p = self._primary
         start = p.out
+        p.out = start + len(data)
+        behind = self._frontier - start
+        if behind > 0:
+            # A new primary repeating what the stream already holds: compare, don't resend.
+            k = min(len(data), behind)
+            if not _same(self._window, start - self._window_base, data, 0, k):
+                self._splice_refused(start, data, actions)
+                return
+            if k == len(data):
+                self._trim_window(actions)
+                return
+            data = data[k:]
+        start = self._frontier
         n = len(data)
-        p.out = start + n
-        if not self._client_closing and not self.client_closed:
-            actions.append(Write(CLIENT, data))
-            self.delivered += n
-        behind = False
+        self._frontier = start + n
+        keep = self._sync
         for r in self._mirrors:
             if not r.compared:
                 continue
@@ -401,35 +439,58 @@ class Session:
                 if r.read_paused and len(r.ahead) <= self.limits.compare_window // 2:
                     r.read_paused = False
                     actions.append(ResumeReading(r.name))
-            if r.out < p.out:
-                behind = True
-        if behind:
+            if r.out < self._frontier:
+                keep = True
+                if r.eof_received:
+                    self._diverged(r, self._ended_early(r), actions)
+        if keep:
             if not self._window:
                 self._window_base = start
             self._window += data
-            self._trim_window(actions)
+        if self._sync:
+            self._advance_sync(actions)
         else:
-            self._window.clear()
-            self._window_base = p.out
+            if not self._client_gone():
+                actions.append(Write(CLIENT, data))
+            self.delivered = self._frontier
+            if keep:
+                self._trim_window(actions)
+            else:
+                self._window.clear()
+                self._window_base = self._frontier
 
     def _mirror_output(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
         start = r.out
         n = len(data)
         r.out = start + n
-        p_out = self._primary.out
+        frontier = self._frontier
         k = 0
-        if start < p_out:
-            k = min(n, p_out - start)
+        if start < frontier:
+            k = min(n, frontier - start)
             if not self._compare(
                 r, start, self._window, start - self._window_base, data, 0, k, actions
             ):
                 return
-            self._trim_window(actions)
         if k < n:
             r.ahead += data[k:] if k else data
             if not r.read_paused and len(r.ahead) > self.limits.compare_window:
                 r.read_paused = True
                 actions.append(PauseReading(r.name))
+            if self._eof_pending and r.role == "replica":
+                # The primary said EOF, and this replica has more to say: the primary
+                # ended early (a crash that closed with FIN, say).
+                self._takeover(f"{self._primary.name} ended its output early", actions)
+                return
+        if self._sync:
+            self._advance_sync(actions)
+        else:
+            self._trim_window(actions)
+
+    def _matches(
+        self, a: bytes | bytearray, a_at: int, b: bytes | bytearray, b_at: int, k: int
+    ) -> bool:
+        with memoryview(a) as av, memoryview(b) as bv:
+            return av[a_at : a_at + k] == bv[b_at : b_at + k]
 
     def _compare(
         self,
@@ -443,11 +504,11 @@ class Session:
         actions: list[Action],
     ) -> bool:
         """Compare ``k`` bytes at ``offset``; on a mismatch, report and stop comparing ``r``."""
+        if _same(primary, p_at, mirror, m_at, k):
+            return True
         with memoryview(primary) as pfull, memoryview(mirror) as mfull:
             pv = pfull[p_at : p_at + k]
             mv = mfull[m_at : m_at + k]
-            if pv == mv:
-                return True
             i = next(i for i in range(k) if pv[i] != mv[i])
             detail = (
                 f"output differs at offset {offset + i}: primary {_excerpt(pv[i:])}, "
@@ -458,10 +519,20 @@ class Session:
         self._diverged(r, detail, actions)
         return False
 
+    def _ended_early(self, r: _Upstream) -> str:
+        return (
+            f"output ended early: {r.name} closed at offset {r.out}, "
+            f"the primary has sent {self._frontier} bytes"
+        )
+
     def _diverged(self, r: _Upstream, detail: str, actions: list[Action]) -> None:
         r.matched = False
         self._stop_comparing(r, actions)
         actions.append(Report("divergence", r.name, detail))
+        if r.role == "replica" and (self._sync or self.limits.divergence_stale):
+            # Its answers differ: it cannot vouch for the primary's (sync), and the
+            # operator asked to treat a diverging replica as one that missed data.
+            self._drop(r, f"diverged: {detail}", actions, report=False)
 
     def _stop_comparing(self, r: _Upstream, actions: list[Action]) -> None:
         r.compared = False
@@ -469,49 +540,216 @@ class Session:
         if r.read_paused:
             r.read_paused = False
             actions.append(ResumeReading(r.name))
+        self._after_mirror_change(actions)
+
+    def _after_mirror_change(self, actions: list[Action]) -> None:
+        """A mirror left the comparisons: fewer may hold back delivery or the window."""
+        if self._sync:
+            self._advance_sync(actions)
+        else:
+            self._trim_window(actions)
+        self._check_eof(actions)
+
+    def _participants(self) -> list[_Upstream]:
+        """Replicas that vouch for the primary's output: in the session, matching so far."""
+        return [
+            r for r in self._mirrors
+            if r.role == "replica" and r.compared and r.live
+        ]  # fmt: skip
+
+    def _advance_sync(self, actions: list[Action]) -> None:
+        """Sync mode: give the client what every in-sync replica has confirmed."""
+        confirmed = self._frontier
+        for r in self._participants():
+            confirmed = min(confirmed, r.out)
+        if confirmed > self.delivered:
+            if not self._client_gone():
+                lo = self.delivered - self._window_base
+                actions.append(
+                    Write(CLIENT, bytes(self._window[lo : confirmed - self._window_base]))
+                )
+            self.delivered = confirmed
+            if self._replica_timer:
+                self._replica_timer = False
+                actions.append(CancelTimer(Timer.REPLICA_TIMEOUT))
+        waiting = self.delivered < self._frontier
+        if waiting and not self._replica_timer and not self._ending:
+            self._replica_timer = True
+            actions.append(StartTimer(Timer.REPLICA_TIMEOUT, self.limits.replica_timeout))
+        elif not waiting and self._replica_timer:
+            self._replica_timer = False
+            actions.append(CancelTimer(Timer.REPLICA_TIMEOUT))
         self._trim_window(actions)
 
     def _trim_window(self, actions: list[Action]) -> None:
-        """Drop primary output that no compared upstream still needs."""
-        p_out = self._primary.out
+        """Drop the primary's stream where nobody needs it any more; bound what is kept."""
+        frontier = self._frontier
         while True:
-            need = p_out
+            need = min(frontier, self._primary.out, self.delivered)
             for r in self._mirrors:
                 if r.compared and r.out < need:
                     need = r.out
-            if need >= p_out:
+            if need >= frontier:
                 self._window.clear()
-                self._window_base = p_out
+                self._window_base = frontier
+                self._resume_primary("window", actions)
                 return
-            if p_out - need <= self.limits.compare_window:
+            if frontier - need <= self.limits.compare_window:
+                break
+            if self._sync or need in (self.delivered, self._primary.out):
+                # Sync mode never stops comparing a replica it waits for: hold the
+                # primary instead, until the replicas catch up or time out.
+                self._pause_primary("window", actions)
                 break
             for r in self._mirrors:
                 if r.compared and r.out == need:
                     r.compared = False
+                    r.ahead = bytearray()
                     actions.append(
                         Report(
                             "compare_lost",
                             r.name,
                             f"output more than {self.limits.compare_window} bytes behind "
-                            f"the primary's (at {r.out} of {p_out})",
+                            f"the primary's (at {r.out} of {frontier})",
                         )
                     )
+        if frontier - need <= self.limits.compare_window // 2:
+            self._resume_primary("window", actions)
         drop = need - self._window_base
         if drop > 0:
             del self._window[:drop]
             self._window_base = need
+
+    def _splice_refused(self, offset: int, data: bytes, actions: list[Action]) -> None:
+        """The new primary's output differs from what the client already has: stop."""
+        p = self._primary
+        i = next(
+            i
+            for i in range(min(len(data), self._frontier - offset))
+            if data[i] != self._window[offset - self._window_base + i]
+        )
+        at = offset - self._window_base + i
+        detail = (
+            f"output differs at offset {offset + i} from what the client already has: "
+            f"client got {_excerpt(memoryview(bytes(self._window[at : at + EXCERPT_BYTES])))}, "
+            f"{p.name} {_excerpt(memoryview(data)[i:])}; closing instead of splicing"
+        )
+        actions.append(Report("divergence", p.name, detail))
+        self._end("diverged", actions)
+
+    # ---------------------------------------------------------------- takeover
+
+    def _takeover(self, reason: str, actions: list[Action]) -> None:
+        """The primary failed mid-session: continue the client's stream from a replica."""
+        old = self._primary
+        if self._ending:
+            return
+        candidates = [r for r in self._participants() if r.state is _State.OPEN]
+        if self._client_gone() or not candidates:
+            actions.append(
+                Report(
+                    "closed",
+                    old.name,
+                    f"{reason}; no in-sync replica of this session matched it to take over",
+                )
+            )
+            self._end("primary_failed", actions)
+            return
+        r = candidates[0]
+        self._abort(old, actions)
+        self._forget(old, actions)
+        self._mirrors.remove(r)
+        self._feeding.remove(r)
+        self._feeding.insert(0, r)
+        r.role = "primary"
+        r.compared = False
+        self._primary = r
+        self.takeovers += 1
+        self.promoted = r.name
+        if r.out > self._frontier:
+            # r is ahead: its extra bytes (already compared with nothing) extend the stream.
+            start = self._frontier
+            extra = bytes(r.ahead)
+            for m in self._mirrors:
+                if m.compared and m.out > start:
+                    k = min(m.out, r.out) - start
+                    if self._compare(m, start, extra, 0, m.ahead, 0, k, actions):
+                        del m.ahead[:k]
+            if not self._window:
+                self._window_base = start
+            self._window += extra
+            self._frontier = r.out
+        r.ahead = bytearray()
+        offset = self.delivered
+        if self._sync:
+            self._advance_sync(actions)
+        else:
+            tail = self._frontier - self.delivered
+            if tail > 0 and not self._client_gone():
+                lo = self.delivered - self._window_base
+                actions.append(Write(CLIENT, bytes(self._window[lo : lo + tail])))
+            self.delivered = self._frontier
+            self._trim_window(actions)
+        actions.append(Promote(r.name, old.name, reason, "midsession"))
+        actions.append(
+            Report("takeover", r.name, f"took over from {old.name} at offset {offset}: {reason}")
+        )
+        # The old primary's pauses do not apply to the new one.
+        self._resume_client("primary", actions)
+        if self._primary_pause:
+            actions.append(PauseReading(r.name))
+        self._eof_pending = False
+        actions.append(CancelTimer(Timer.PRIMARY_EOF))
+        if r.eof_received:
+            self._primary_eof(actions)
+
+    # --------------------------------------------------------------------- EOF
+
+    def _primary_eof(self, actions: list[Action]) -> None:
+        self._eof_pending = True
+        self._check_eof(actions)
+
+    def _check_eof(self, actions: list[Action]) -> None:
+        """Pass the primary's EOF on once every in-sync replica ended at the same offset."""
+        if not self._eof_pending or self._eof_forwarded or self._ending:
+            return
+        participants = self._participants()
+        for r in participants:
+            if r.out > self._frontier:
+                self._takeover(f"{self._primary.name} ended its output early", actions)
+                return
+        if all(r.eof_received and r.out == self._frontier for r in participants):
+            self._forward_eof(actions)
+        else:
+            actions.append(StartTimer(Timer.PRIMARY_EOF, self.limits.close_grace))
+
+    def _forward_eof(self, actions: list[Action]) -> None:
+        self._eof_pending = False
+        self._eof_forwarded = True
+        actions.append(CancelTimer(Timer.PRIMARY_EOF))
+        if not self._client_gone():
+            actions.append(WriteEof(CLIENT))
+        self._maybe_end(actions)
+
+    def _client_gone(self) -> bool:
+        return self._client_closing or self.client_closed
 
     def _on_upstream_eof(self, event: UpstreamEof, actions: list[Action]) -> None:
         u = self._ups[event.name]
         if u.eof_received or not u.live:
             return
         u.eof_received = True
+        u.fed_at_eof = u.fed
         if u is self._primary:
-            if not self._client_closing and not self.client_closed:
-                actions.append(WriteEof(CLIENT))
-            self._maybe_end(actions)
-        elif self._ending:
+            self._primary_eof(actions)
+            return
+        if self._ending:
             self._close(u, actions)
+            return
+        if u.compared and u.out < self._frontier:
+            self._diverged(u, self._ended_early(u), actions)
+        else:
+            self._check_eof(actions)
 
     def _on_upstream_closed(self, event: UpstreamClosed, actions: list[Action]) -> None:
         u = self._ups[event.name]
@@ -519,28 +757,46 @@ class Session:
         u.state = _State.CLOSED
         self._forget(u, actions)
         if was is _State.CLOSING:
-            # An error while closing may have cost the replica its last input,
-            # unless it had already finished on its own.
-            if event.error and u.role == "replica" and not u.eof_received:
-                actions.append(MarkStale(u.name, f"connection lost: {event.error}"))
+            if u.role == "replica":
+                missed = self._may_have_missed_input(u, event.error)
+                if missed:
+                    actions.append(MarkStale(u.name, missed))
             return
         if was is _State.CLOSED:
             return
         reason = event.error or "closed by the backend"
         if u is self._primary:
-            self._end("primary_failed", actions)
-        else:
-            actions.append(Report("dropped", u.name, f"connection lost: {reason}"))
-            if u.role == "replica":
-                actions.append(MarkStale(u.name, f"connection lost mid-session: {reason}"))
+            self._takeover(f"connection to {u.name} lost: {reason}", actions)
+            return
+        actions.append(Report("dropped", u.name, f"connection lost: {reason}"))
+        if u.role == "replica":
+            actions.append(MarkStale(u.name, f"connection lost mid-session: {reason}"))
+            self._check_min_in_sync(actions)
+
+    def _may_have_missed_input(self, u: _Upstream, error: str | None) -> str | None:
+        """Why a replica that we closed may not have read all its input, or None.
+
+        A peer that closes with unread input sends RST, so an EOF (FIN) means it
+        read what had reached it. Input handed to it after its EOF went to a closed
+        socket, which is fine only where the primary had closed at the same point.
+        """
+        if u.eof_received:
+            p = self._primary
+            if u.fed > u.fed_at_eof and not (p.eof_received and p.fed_at_eof <= u.fed_at_eof):
+                return (
+                    f"closed its side after {u.fed_at_eof} input bytes, before the primary "
+                    f"did; {u.fed - u.fed_at_eof} more were sent to it"
+                )
+            return None
+        if error:
+            return f"connection lost while closing: {error}"
+        return None
 
     def _on_write_blocked(self, event: WriteBlocked, actions: list[Action]) -> None:
         target = event.target
         if target == CLIENT:
             # The client reads slower than the primary answers: stop reading the primary.
-            if not self._primary_read_paused and self._primary.state is _State.OPEN:
-                self._primary_read_paused = True
-                actions.append(PauseReading(self._primary.name))
+            self._pause_primary("client", actions)
             return
         u = self._ups[target]
         if not u.live:
@@ -553,19 +809,17 @@ class Session:
     def _on_write_unblocked(self, event: WriteUnblocked, actions: list[Action]) -> None:
         target = event.target
         if target == CLIENT:
-            if self._primary_read_paused and self._primary.state is _State.OPEN:
-                self._primary_read_paused = False
-                actions.append(ResumeReading(self._primary.name))
-            return
-        if self._ups[target] is self._primary:
+            self._resume_primary("client", actions)
+        elif self._ups[target] is self._primary:
             self._resume_client("primary", actions)
 
     def _on_timer(self, event: TimerFired, actions: list[Action]) -> None:
-        if event.timer is Timer.CLOSE_GRACE:
+        timer = event.timer
+        if timer is Timer.CLOSE_GRACE:
             for u in self._ups.values():
                 if u.live:
                     self._close(u, actions)
-        elif event.timer is Timer.LINGER:
+        elif timer is Timer.LINGER:
             for u in self._ups.values():
                 if u.state is _State.CLOSING:
                     if u.role == "replica":
@@ -579,6 +833,36 @@ class Session:
                     actions.append(Abort(u.name))
             if not self.client_closed:
                 actions.append(Abort(CLIENT))
+        elif timer is Timer.PRIMARY_EOF:
+            if not self._eof_pending or self._ending:
+                return
+            if self._sync:
+                for r in self._participants():
+                    if r.out < self._frontier:
+                        self._drop(
+                            r,
+                            f"did not confirm the primary's last {self._frontier - r.out} bytes "
+                            f"within close_grace ({self.limits.close_grace} s)",
+                            actions,
+                        )
+                if self._ending:
+                    return
+                self._advance_sync(actions)
+            self._forward_eof(actions)
+        elif timer is Timer.REPLICA_TIMEOUT:
+            self._replica_timer = False
+            if self._ending:
+                return
+            for r in self._participants():
+                if r.out < self._frontier:
+                    self._drop(
+                        r,
+                        f"held back {self._frontier - r.out} reply bytes for more than "
+                        f"replica_timeout ({self.limits.replica_timeout} s)",
+                        actions,
+                    )
+            if not self._ending:
+                self._advance_sync(actions)
 
     def _on_idle(self, _event: IdleTimeout, actions: list[Action]) -> None:
         self._end("idle_timeout", actions)
@@ -604,6 +888,17 @@ class Session:
             if not self._client_pause and not self.client_closed and not self._ending:
                 actions.append(ResumeReading(CLIENT))
 
+    def _pause_primary(self, reason: str, actions: list[Action]) -> None:
+        if not self._primary_pause and self._primary.state is _State.OPEN:
+            actions.append(PauseReading(self._primary.name))
+        self._primary_pause.add(reason)
+
+    def _resume_primary(self, reason: str, actions: list[Action]) -> None:
+        if reason in self._primary_pause:
+            self._primary_pause.discard(reason)
+            if not self._primary_pause and self._primary.state is _State.OPEN:
+                actions.append(ResumeReading(self._primary.name))
+
     def _forget(self, u: _Upstream, actions: list[Action]) -> None:
         """Take ``u`` out of the input stream and the comparisons."""
         if u in self._feeding:
@@ -613,15 +908,36 @@ class Session:
         if u.compared:
             u.compared = False
             u.ahead = bytearray()
-            self._trim_window(actions)
+            self._after_mirror_change(actions)
 
-    def _drop(self, u: _Upstream, reason: str, actions: list[Action]) -> None:
-        """Remove a replica or shadow from the session at once (it fell behind)."""
+    def _drop(
+        self, u: _Upstream, reason: str, actions: list[Action], *, report: bool = True
+    ) -> None:
+        """Remove a replica or shadow from the session at once (it fell behind, or worse)."""
         self._abort(u, actions)
-        self._forget(u, actions)
-        actions.append(Report("dropped", u.name, reason))
+        if report:
+            actions.append(Report("dropped", u.name, reason))
         if u.role == "replica":
             actions.append(MarkStale(u.name, reason))
+        self._forget(u, actions)
+        if u.role == "replica":
+            self._check_min_in_sync(actions)
+
+    def _check_min_in_sync(self, actions: list[Action]) -> None:
+        """Sync mode: with fewer in-sync replicas than min_in_sync, a session cannot go on."""
+        if not self._sync or self._ending or not self._gate_open:
+            return
+        left = len(self._participants())
+        if left < self.limits.min_in_sync:
+            actions.append(
+                Report(
+                    "closed",
+                    self._primary.name,
+                    f"{left} in-sync replicas left in the session, min_in_sync is "
+                    f"{self.limits.min_in_sync}",
+                )
+            )
+            self._end("min_in_sync", actions)
 
     def _abort(self, u: _Upstream, actions: list[Action]) -> None:
         if u.live:
@@ -647,7 +963,7 @@ class Session:
 
     def _maybe_end(self, actions: list[Action]) -> None:
         """The normal end: the client and the primary have both finished sending."""
-        if self.client_eof and self._primary.eof_received and not self._ending:
+        if self.client_eof and self._eof_forwarded and not self._ending:
             self._end("ok", actions)
 
     def _end(self, outcome: str, actions: list[Action]) -> None:
@@ -678,12 +994,12 @@ class Session:
 
     def _check_final_lengths(self, actions: list[Action]) -> None:
         """At a normal end, a compared mirror that already finished must have said as much."""
-        p_out = self._primary.out
         for r in self._mirrors:
-            if r.compared and r.eof_received and r.out != p_out:
+            if r.compared and r.eof_received and r.out != self._frontier:
                 self._diverged(
                     r,
-                    f"output length differs: primary {p_out} bytes, {r.name} {r.out} bytes",
+                    f"output length differs: primary {self._frontier} bytes, "
+                    f"{r.name} {r.out} bytes",
                     actions,
                 )
 
@@ -696,6 +1012,12 @@ class Session:
             return
         self.finished = True
         actions.append(Finished(self.outcome or "ok"))
+
+
+def _same(a: bytes | bytearray, a_at: int, b: bytes | bytearray, b_at: int, k: int) -> bool:
+    """Whether ``a[a_at:a_at+k] == b[b_at:b_at+k]``, without copying either."""
+    with memoryview(a) as av, memoryview(b) as bv:
+        return av[a_at : a_at + k] == bv[b_at : b_at + k]
 
 
 def _excerpt(view: memoryview) -> str:

@@ -65,7 +65,7 @@ class SessionHost(Protocol):
     def address_of(self, name: str) -> Address: ...
     def write_limit(self, name: str) -> int | None: ...
     def mark_stale(self, name: str, reason: str, sid: int) -> None: ...
-    def promote_failed(self, old: str, new: str, reason: str, sid: int) -> bool: ...
+    def promote_failed(self, old: str, new: str, reason: str, sid: int, kind: str) -> bool: ...
     def report(self, kind: str, name: str, detail: str, sid: int) -> None: ...
     def session_finished(self, driver: SessionDriver, outcome: str) -> None: ...
 
@@ -201,12 +201,12 @@ class SessionDriver:
         elif isinstance(action, MarkStale):
             self.host.mark_stale(action.name, action.reason, self.sid)
         elif isinstance(action, Promote):
-            ok = self.host.promote_failed(
-                self.session.primary, action.name, action.reason, self.sid
-            )
             t = self._transports.get(action.name)
-            if ok and t is not None:
+            if t is not None:
                 t.set_write_buffer_limits()  # a primary's limits: it sets the client's pace
+            ok = self.host.promote_failed(
+                action.old, action.name, action.reason, self.sid, action.kind
+            )
             self.feed(PromoteResult(action.name, ok))
         elif isinstance(action, Report):
             self.host.report(action.kind, action.name, action.detail, self.sid)
