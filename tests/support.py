@@ -122,6 +122,20 @@ class Proc:
                 self._cond.wait(min(left, 0.5))
             return list(self.stdout)
 
+    def wait_count(self, pattern: str, n: int, timeout: float = WAIT) -> None:
+        """Wait until ``n`` lines match ``pattern``."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while sum(1 for line in self.lines if rx.search(line)) < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._alive_readers()):
+                    raise AssertionError(
+                        f"{self.name}: fewer than {n} lines matching {pattern!r}; last lines:\n"
+                        + "\n".join(self.lines[-30:])
+                    )
+                self._cond.wait(min(left, 0.5))
+
     def count(self, pattern: str) -> int:
         rx = re.compile(pattern)
         with self._cond:

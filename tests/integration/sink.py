@@ -1,6 +1,6 @@
 """A test backend: counts and hashes each connection's input.
 
-For each connection it reads until EOF, then answers ``<bytes> <sha256>\\n``
+For each connection it prints ``open``, reads until EOF, then answers ``<bytes> <sha256>\\n``
 and closes; it prints ``conn <bytes> <sha256> eof`` (or ``reset``) on stdout,
 so a test can check that a backend received exactly the client's stream.
 With ``--echo`` it also echoes every chunk back as it arrives.
@@ -18,6 +18,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ech
     h = hashlib.sha256()
     n = 0
     how = "eof"
+    print("open", flush=True)
     try:
         while data := await reader.read(1 << 16):
             n += len(data)

@@ -266,6 +266,8 @@ def test_replica_lost_during_a_session_is_stale_afterwards(tmp_path: Path) -> No
             s = connect(px.port)
             try:
                 s.sendall(b"first half ")
+                # The session's connection to b is up (the first was the health check).
+                b.wait_count(r"^open$", 2)
                 b.signal(signal.SIGKILL)
                 b.wait()
                 s.sendall(b"second half")
