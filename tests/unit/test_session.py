@@ -557,3 +557,121 @@ def test_replica_closing_at_the_same_point_as_the_primary_is_not_stale() -> None
     h(UpstreamClosed(P, None))
     h(UpstreamClosed(R, "ConnectionResetError"))
     assert not h.stale()
+
+
+# ------------------------------------------------------------------ takeover
+
+
+def _cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, rest = [], data
+    for size in sizes:
+        if not rest:
+            break
+        out.append(rest[:size])
+        rest = rest[size:]
+    return [*out, rest] if rest else out
+
+
+def _interleave(order: object, streams: dict[str, list[bytes]]) -> list[tuple[str, bytes]]:
+    """A random interleaving of each upstream's chunks that keeps each one's own order."""
+    import random
+
+    assert isinstance(order, random.Random)
+    queues = {k: list(v) for k, v in streams.items() if v}
+    out: list[tuple[str, bytes]] = []
+    while queues:
+        name = order.choice(sorted(queues))
+        out.append((name, queues[name].pop(0)))
+        if not queues[name]:
+            del queues[name]
+    return out
+
+
+CRASHES = st.sampled_from(["reset", "down", "eof"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    stream=st.binary(min_size=1, max_size=120),
+    cuts=st.lists(st.lists(st.integers(min_value=1, max_value=25), max_size=8), min_size=3,
+                  max_size=3),
+    crash_at=st.integers(min_value=0, max_value=40),
+    crash=CRASHES,
+    order=st.randoms(use_true_random=False),
+    mode=st.sampled_from(["async", "sync"]),
+)  # fmt: skip
+def test_takeover_gives_the_client_one_copy_of_the_stream_whatever_the_timing(
+    stream: bytes, cuts: list[list[int]], crash_at: int, crash: str, order: object, mode: str
+) -> None:
+    h = connected((P, "primary"), ("r1", "replica"), ("r2", "replica"), mode=mode)  # type: ignore[arg-type]
+    h(ClientData(b"request"))
+    events = _interleave(
+        order, {P: _cut(stream, cuts[0]), "r1": _cut(stream, cuts[1]), "r2": _cut(stream, cuts[2])}
+    )
+    crashed = False
+    for i, (name, chunk) in enumerate(events):
+        if i == crash_at and not crashed:
+            crashed = True
+            h({"reset": UpstreamClosed(P, "ConnectionResetError"),
+               "down": PrimaryDown("health"),
+               "eof": UpstreamEof(P)}[crash])  # fmt: skip
+        if crashed and name == P:
+            continue  # a dead primary says nothing more
+        h(UpstreamData(name, chunk))
+    for name in ("r1", "r2", P):
+        if h.session.in_session(name):
+            h(UpstreamEof(name))
+    if not h.session.finished and Timer.PRIMARY_EOF in [
+        a.timer for a in h.actions if isinstance(a, StartTimer)
+    ]:
+        h(TimerFired(Timer.PRIMARY_EOF))
+    assert bytes(h.written[CLIENT]) == stream, "exactly one copy, no gap, no duplicate"
+    assert not h.reports("divergence")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    stream=st.binary(min_size=2, max_size=120),
+    flip=st.integers(min_value=0, max_value=119),
+    cuts=st.lists(st.lists(st.integers(min_value=1, max_value=25), max_size=8), min_size=2,
+                  max_size=2),
+    crash_at=st.integers(min_value=0, max_value=30),
+    crash=CRASHES,
+    order=st.randoms(use_true_random=False),
+    mode=st.sampled_from(["async", "sync"]),
+)  # fmt: skip
+def test_takeover_never_splices_mismatched_bytes(
+    stream: bytes,
+    flip: int,
+    cuts: list[list[int]],
+    crash_at: int,
+    crash: str,
+    order: object,
+    mode: str,
+) -> None:
+    flip %= len(stream)
+    other = bytearray(stream)
+    other[flip] ^= 0x01
+    replica_stream = bytes(other)
+    h = connected((P, "primary"), (R, "replica"), mode=mode)  # type: ignore[arg-type]
+    h(ClientData(b"request"))
+    events = _interleave(order, {P: _cut(stream, cuts[0]), R: _cut(replica_stream, cuts[1])})
+    crashed = False
+    for i, (name, chunk) in enumerate(events):
+        if i == crash_at and not crashed:
+            crashed = True
+            h({"reset": UpstreamClosed(P, "ConnectionResetError"),
+               "down": PrimaryDown("health"),
+               "eof": UpstreamEof(P)}[crash])  # fmt: skip
+        if crashed and name == P:
+            continue
+        if h.session.in_session(name):
+            h(UpstreamData(name, chunk))
+    got = bytes(h.written[CLIENT])
+    # Either the primary's bytes, or (after a takeover before the mismatch) the
+    # replica's: a prefix of one stream or the other, never a mix of the two.
+    assert stream.startswith(got) or replica_stream.startswith(got), (got, stream, replica_stream)
+    if mode == "sync":
+        # Every byte the client got was produced by the replica too, unless the
+        # replica was ejected (stale) first.
+        assert replica_stream.startswith(got) or R in h.stale()

@@ -421,13 +421,23 @@ class Session:
                 self._splice_refused(start, data, actions)
                 return
             if k == len(data):
-                self._trim_window(actions)
+                if self._sync:
+                    self._advance_sync(actions)
+                else:
+                    self._trim_window(actions)
                 return
             data = data[k:]
         start = self._frontier
         n = len(data)
+        # The stream grows first: a comparison below may deliver or trim it.
         self._frontier = start + n
-        keep = self._sync
+        if not self._window:
+            self._window_base = start
+        self._window += data
+        if not self._sync:
+            if not self._client_gone():
+                actions.append(Write(CLIENT, data))
+            self.delivered = self._frontier
         for r in self._mirrors:
             if not r.compared:
                 continue
@@ -439,25 +449,12 @@ class Session:
                 if r.read_paused and len(r.ahead) <= self.limits.compare_window // 2:
                     r.read_paused = False
                     actions.append(ResumeReading(r.name))
-            if r.out < self._frontier:
-                keep = True
-                if r.eof_received:
-                    self._diverged(r, self._ended_early(r), actions)
-        if keep:
-            if not self._window:
-                self._window_base = start
-            self._window += data
+            if r.out < self._frontier and r.eof_received:
+                self._diverged(r, self._ended_early(r), actions)
         if self._sync:
             self._advance_sync(actions)
         else:
-            if not self._client_gone():
-                actions.append(Write(CLIENT, data))
-            self.delivered = self._frontier
-            if keep:
-                self._trim_window(actions)
-            else:
-                self._window.clear()
-                self._window_base = self._frontier
+            self._trim_window(actions)
 
     def _mirror_output(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
         start = r.out
@@ -559,7 +556,8 @@ class Session:
 
     def _advance_sync(self, actions: list[Action]) -> None:
         """Sync mode: give the client what every in-sync replica has confirmed."""
-        confirmed = self._frontier
+        # A new primary repeating the stream vouches only for what it repeated so far.
+        confirmed = min(self._frontier, self._primary.out)
         for r in self._participants():
             confirmed = min(confirmed, r.out)
         if confirmed > self.delivered:
