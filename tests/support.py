@@ -6,6 +6,7 @@ Every wait is bounded in time; every process is killed by its context manager.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -286,3 +288,75 @@ def recv_all(s: socket.socket, timeout: float = WAIT) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+
+
+def config_text(
+    tmp_path: Path, backends: list[tuple[str, int, str]], *, extra: str = "", health: str = ""
+) -> str:
+    """A config with the admin API on a free port and a state file in ``tmp_path``."""
+    lines = [
+        "[proxy]",
+        'listen = "127.0.0.1:0"',
+        f'state_file = "{tmp_path / "state.json"}"',
+        extra,
+        "[admin]",
+        'listen = "127.0.0.1:0"',
+        "[health]",
+        health or "interval = 0.2\ntimeout = 0.5\nfall = 2\nrise = 2",
+    ]
+    for name, port, role in backends:
+        lines += [
+            "[[backend]]",
+            f'name = "{name}"',
+            f'address = "{HOST}:{port}"',
+            f'role = "{role}"',
+        ]
+    path = tmp_path / "replicaproxy.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+class Proxy:
+    """A running ``replicaproxy run --config``, its client port and its admin address."""
+
+    def __init__(self, proc: Proc, port: int, admin: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.admin = admin
+
+    def ctl(self, *args: str, token: str = "") -> subprocess.CompletedProcess[str]:
+        extra = ["--token", token] if token else []
+        return subprocess.run(
+            replicaproxy("ctl", "--admin", self.admin, *extra, *args),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+
+    def status(self) -> dict[str, Any]:
+        out = self.ctl("status", "--json")
+        assert out.returncode == 0, out.stderr
+        status: dict[str, Any] = json.loads(out.stdout)
+        return status
+
+    def states(self) -> dict[str, str]:
+        return {b["name"]: b["state"] for b in self.status()["backends"]}
+
+
+@contextlib.contextmanager
+def run_proxy(config: str, *extra: str, name: str = "proxy") -> Iterator[Proxy]:
+    with running(replicaproxy("run", "--config", config, *extra), name=name) as p:
+        admin = p.wait_for(r"admin API on http://([\d.]+:\d+)")[1]
+        port = int(p.wait_for(r"listening on [\d.]+:(\d+)")[1])
+        yield Proxy(p, port, admin)
+
+
+def example_client(port: int) -> str:
+    out = subprocess.run(
+        replicaproxy("example-client", HOST, str(port)),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
