@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
 import click
@@ -28,12 +28,22 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -46,6 +56,13 @@ LOG_LEVEL = click.option(
     default="info",
     show_default=True,
     help="Least severe log level printed (to stderr).",
+)
+LOG_FORMAT = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines for people (text) or for machines (json, one object per line).",
 )
 
 
@@ -78,6 +95,7 @@ def cli() -> None:
     help="Ignore the state file's view: the config's primary, every replica in sync.",
 )
 @LOG_LEVEL
+@LOG_FORMAT
 def run(
     config_path: str | None,
     listen: str | None,
@@ -89,6 +107,7 @@ def run(
     state_file: str | None,
     reset_state: bool,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the proxy. Flags override the config file.
 
@@ -110,15 +129,22 @@ def run(
         config = build_config(config_path, overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    _setup_logging(log_level)
-    sys.exit(_run_async(_serve(config, reset_state=reset_state)))
+    _setup_logging(log_level, log_format)
+    # SIGHUP and POST /reload re-read the file, with the same flags on top.
+    source = (lambda: build_config(config_path, overrides)) if config_path else None
+    sys.exit(_run_async(_serve(config, reset_state=reset_state, config_source=source)))
 
 
-async def _serve(config: Config, *, reset_state: bool = False) -> int:
+async def _serve(
+    config: Config,
+    *,
+    reset_state: bool = False,
+    config_source: Callable[[], Config] | None = None,
+) -> int:
     from replicaproxy.server import Server, StartError
     from replicaproxy.store import StateError
 
-    server = Server(config, reset_state=reset_state)
+    server = Server(config, reset_state=reset_state, config_source=config_source)
     try:
         await server.serve()
     except StateError as exc:

@@ -31,10 +31,37 @@ class Control(Protocol):
     def status(self) -> dict[str, Any]:
         """The view and the backends, as ``GET /status`` returns them.
 
-        ``{"epoch": 1, "primary": "NAME", "mode": "async", "backends": [{"name":
-        "NAME", "address": "HOST:PORT", "role": "primary|replica|shadow",
-        "state": "in_sync|stale", "health": "up|down|unknown", "sessions": 0}]}``
+        ``{"epoch": 1, "primary": "NAME", "mode": "async", "clean": false,
+        "uptime": 12.5, "sessions_active": 3, "sessions_total": 40,
+        "client_bytes": {"from_client": 0, "to_client": 0},
+        "backends": [{"name": "NAME", "address": "HOST:PORT",
+        "role": "primary|replica|shadow", "state": "in_sync|stale",
+        "health": "up|down|unknown", "sessions": 0, "divergences": 0,
+        "bytes_to": 0, "bytes_from": 0, "lag_bytes": 0}]}``. Byte counts are
+        cumulative (the status page turns them into rates); ``lag_bytes`` is
+        input accepted for that backend but not yet handed to its socket.
         """
+        ...
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        """Recent events with ``id > since``, oldest first (at most the last 200).
+
+        Each: ``{"id": 7, "time": 1764201600.5 (unix seconds), "kind":
+        "failover|stale|synced|divergence|health|reload|drain", "backend": "NAME"
+        or None, "epoch": 3, "message": "..."}``.
+        """
+        ...
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file (as SIGHUP does); returns ``{"ok": true, "changes":
+        [...]}``. ControlError(400) with the config's errors when it is rejected
+        (the old config stays), ControlError(409) when there is no file to read.
+        """
+        ...
+
+    def drain(self) -> dict[str, Any]:
+        """Stop accepting, let open sessions finish, then exit; returns
+        ``{"draining": true, "sessions": N}``."""
         ...
 
     def promote(self, name: str) -> dict[str, Any]:

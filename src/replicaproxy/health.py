@@ -105,6 +105,12 @@ class HealthChecker:
         for name in self.addresses:
             self._tasks.append(asyncio.create_task(self._loop(name), name=f"health:{name}"))
 
+    def cancel(self) -> None:
+        """Stop checking, without waiting (the tasks end at their next await)."""
+        for t in self._tasks:
+            t.cancel()
+        self._tasks.clear()
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()

@@ -1,12 +1,19 @@
 """Prometheus metrics, kept apart from logging (STYLE.md 8).
 
-Counters on the data path are not touched per chunk: sessions keep their own
-byte counts and add them here when they end.
+Counters on the data path are not touched per chunk: the server adds each
+session's byte counts once a second and when the session ends.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Connect times from 100 us (loopback) to 2 s (the default connect_timeout).
+CONNECT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+#: Session lengths from a request (10 ms) to a day-long connection.
+DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 3600, 14400, 86400)
 
 
 class Metrics:
@@ -33,7 +40,8 @@ class Metrics:
         )
         self.refused = Counter(
             "replicaproxy_refused",
-            "Client connections closed at once, by reason",
+            "Client connections closed at once, by reason (max_connections, min_in_sync, "
+            "no_primary, acl)",
             ["reason"],
             registry=r,
         )
@@ -74,3 +82,39 @@ class Metrics:
             registry=r,
         )
         self.epoch = Gauge("replicaproxy_epoch", "Epoch of the current view", registry=r)
+        self.replica_lag = Gauge(
+            "replicaproxy_replica_lag_bytes",
+            "Input accepted for a backend but not yet handed to its socket, over all sessions",
+            ["backend"],
+            registry=r,
+        )
+        self.connect_time = Histogram(
+            "replicaproxy_connect_seconds",
+            "Time to connect to a backend",
+            ["backend"],
+            buckets=CONNECT_BUCKETS,
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "replicaproxy_session_duration_seconds",
+            "Length of client sessions",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+
+    def forget_backend(self, name: str) -> None:
+        """Drop the per-backend series of a backend removed from the config."""
+        for metric in (
+            self.divergences,
+            self.dropped,
+            self.connect_failures,
+            self.backend_in_sync,
+            self.backend_up,
+            self.replica_lag,
+            self.connect_time,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+        for direction in ("to_backend", "from_backend"):
+            with contextlib.suppress(KeyError):
+                self.bytes.remove(name, direction)

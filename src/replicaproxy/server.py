@@ -15,13 +15,16 @@ import logging
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from replicaproxy.config import Address, BackendConfig, Config
+from replicaproxy.config import Address, BackendConfig, Config, ConfigError
 from replicaproxy.control import ControlError
+from replicaproxy.core.events import CLIENT
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import Health, HealthChecker
@@ -39,6 +42,27 @@ class StartError(Exception):
 
 access_log = logging.getLogger("replicaproxy.access")
 
+#: Events kept for the status page and ``ctl events``: a few screens' worth.
+EVENTS_KEPT = 200
+#: How often byte counters and lag gauges are brought up to date.
+TICK_SECONDS = 1.0
+
+
+def _limits(config: Config) -> Limits:
+    """The per-session limits a config asks for."""
+    p = config.proxy
+    return Limits(
+        replica_buffer=p.replica_buffer,
+        close_grace=p.close_grace,
+        # A healthy backend takes its last bytes within a few round trips;
+        # twice the connect timeout is already generous for that.
+        linger=max(1.0, 2 * p.connect_timeout),
+        mode=p.mode,
+        replica_timeout=p.replica_timeout,
+        min_in_sync=p.min_in_sync,
+        divergence_stale=p.divergence == "stale",
+    )
+
 
 @dataclass(slots=True)
 class Backend:
@@ -47,6 +71,9 @@ class Backend:
     config: BackendConfig
     sessions: int = 0
     divergences: int = field(default=0)
+    bytes_to: int = 0  # handed to its sockets, over all sessions
+    bytes_from: int = 0  # read from its sockets
+    lag: int = 0  # input accepted for it, not yet handed to its sockets (last tick)
 
     @property
     def name(self) -> str:
@@ -63,8 +90,10 @@ class Server:
         *,
         store: StateStore | None = None,
         reset_state: bool = False,
+        config_source: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self._config_source = config_source
         self.metrics = metrics if metrics is not None else Metrics()
         self.backends: dict[str, Backend] = {b.name: Backend(b) for b in config.backends}
         self.store: StateStore = store or FileStateStore(config.proxy.state_file)
@@ -76,22 +105,17 @@ class Server:
         self.bound: Address | None = None
         self.admin_bound: Address | None = None
         self._ids = itertools.count(1)
-        self._limits = Limits(
-            replica_buffer=config.proxy.replica_buffer,
-            close_grace=config.proxy.close_grace,
-            # A healthy backend takes its last bytes within a few round trips;
-            # twice the connect timeout is already generous for that.
-            linger=max(1.0, 2 * config.proxy.connect_timeout),
-            mode=config.proxy.mode,
-            replica_timeout=config.proxy.replica_timeout,
-            min_in_sync=config.proxy.min_in_sync,
-            divergence_stale=config.proxy.divergence == "stale",
-        )
-        self.health = HealthChecker(
-            config.health,
-            {b.name: b.config.address for b in self.backends.values()},
-            self._health_changed,
-        )
+        self._limits = _limits(config)
+        self.health = self._new_health_checker()
+        self._retired: dict[str, Backend] = {}  # removed by a reload, still in sessions
+        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self._event_ids = itertools.count(1)
+        self._started_at = time.monotonic()
+        self.sessions_total = 0
+        self._client_bytes = {"from_client": 0, "to_client": 0}
+        self._reported: dict[SessionDriver, dict[str, tuple[int, int]]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._draining = False
         self._admin: Any = None
         self._running = False  # the state file says a proxy runs on this view
         self._listener: asyncio.Server | None = None
@@ -101,6 +125,13 @@ class Server:
         self._idle.set()
         self._ratelimit = RateLimited()
 
+    def _new_health_checker(self) -> HealthChecker:
+        return HealthChecker(
+            self.config.health,
+            {b.name: b.config.address for b in self.backends.values()},
+            self._health_changed,
+        )
+
     def _promotable(self) -> list[str]:
         """Replicas in config order (shadows are never in the view)."""
         return [b.name for b in self.config.backends if b.role == "replica"]
@@ -108,7 +139,12 @@ class Server:
     def role_of(self, name: str) -> str:
         if name == self.view.primary:
             return "primary"
-        return "shadow" if self.backends[name].config.role == "shadow" else "replica"
+        return "shadow" if self._backend(name).config.role == "shadow" else "replica"
+
+    def _backend(self, name: str) -> Backend:
+        """A configured backend, or one a reload removed while sessions still use it."""
+        b = self.backends.get(name)
+        return b if b is not None else self._retired[name]
 
     # ------------------------------------------------------------- lifecycle
 
@@ -134,6 +170,7 @@ class Server:
         sock = self._listener.sockets[0].getsockname()
         self.bound = Address(str(sock[0]), int(sock[1]))
         self.health.start()
+        self._ticker = loop.create_task(self._tick(), name="metrics-tick")
         if self.config.admin.listen is not None:
             from replicaproxy.admin.app import AdminServer
 
@@ -215,7 +252,10 @@ class Server:
                 1 if b.config.role == "shadow" or self.view.in_sync(b.name) else 0
             )
 
-    def _change(self, new: View, why: str, *, even_if_unsaved: bool = False) -> bool:
+    def _change(
+        self, new: View, why: str, *, kind: str, backend: str | None = None,
+        even_if_unsaved: bool = False,
+    ) -> bool:  # fmt: skip
         """Persist ``new``, then make it the view. False (logged) if it could not be stored.
 
         With ``even_if_unsaved`` the view changes in memory all the same: used for
@@ -235,7 +275,21 @@ class Server:
         self.view = new
         self._publish_view()
         log.warning("view epoch %d: %s (primary %s)", new.epoch, why, new.primary)
+        self._event(kind, backend, why)
         return True
+
+    def _event(self, kind: str, backend: str | None, message: str) -> None:
+        """Keep an event for the status page and ``ctl events``."""
+        self._events.append(
+            {
+                "id": next(self._event_ids),
+                "time": time.time(),
+                "kind": kind,
+                "backend": backend,
+                "epoch": self.view.epoch,
+                "message": message,
+            }
+        )
 
     async def serve(self, *, handle_signals: bool = True) -> None:
         """Start, run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then drain."""
@@ -258,11 +312,11 @@ class Server:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        grace = self.config.proxy.shutdown_grace
+        grace: float | None = None if self._draining else self.config.proxy.shutdown_grace
         if self.sessions:
             log.info(
-                "stopping: waiting up to %.1f s for %d sessions to finish",
-                grace,
+                "stopping: waiting %s for %d sessions to finish",
+                "for as long as they last" if grace is None else f"up to {grace:.1f} s",
                 len(self.sessions),
             )
             await self._wait_idle(grace)
@@ -272,6 +326,9 @@ class Server:
                 driver.shutdown()
             await self._wait_idle(self._limits.linger + 1.0)
         await self.health.stop()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         if self._admin is not None:
             await self._admin.stop()
             self._admin = None
@@ -285,7 +342,7 @@ class Server:
                 log.error("cannot record the clean stop: %s", exc)
         log.info("stopped")
 
-    async def _wait_idle(self, limit: float) -> None:
+    async def _wait_idle(self, limit: float | None) -> None:
         idle = asyncio.ensure_future(self._idle.wait())
         force = asyncio.ensure_future(self._force.wait())
         try:
@@ -303,11 +360,17 @@ class Server:
         sigs = (signal.SIGINT, signal.SIGTERM)
         for sig in sigs:
             loop.add_signal_handler(sig, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             yield
         finally:
-            for sig in sigs:
+            for sig in (*sigs, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    def _reload_on_signal(self) -> None:
+        log.info("SIGHUP: reloading the config")
+        with contextlib.suppress(ControlError):  # reload() logs it and keeps an event
+            self.reload()
 
     # -------------------------------------------------------------- sessions
 
@@ -370,6 +433,7 @@ class Server:
         self._idle.clear()
         self.metrics.sessions.inc()
         self.metrics.sessions_active.inc()
+        self.sessions_total += 1
         for m in members:
             self.backends[m.name].sessions += 1
         driver.start()
@@ -378,7 +442,10 @@ class Server:
     # ---------------------------------------- SessionHost: called by drivers
 
     def address_of(self, name: str) -> Address:
-        return self.backends[name].config.address
+        return self._backend(name).config.address
+
+    def connected(self, name: str, seconds: float) -> None:
+        self.metrics.connect_time.labels(name).observe(seconds)
 
     def write_limit(self, name: str) -> int | None:
         """Replicas and shadows may hold ``replica_buffer`` bytes; the primary the default."""
@@ -390,6 +457,8 @@ class Server:
         self._change(
             self.view.mark_stale(name),
             f"replica {name} is now stale: {reason} (session {sid})",
+            kind="stale",
+            backend=name,
             even_if_unsaved=True,
         )
 
@@ -413,7 +482,9 @@ class Server:
 
     def _failover(self, new: str, why: str, kind: str) -> bool:
         old = self.view.primary
-        if not self._change(self.view.promote(new, old_primary_missed_input=True), why):
+        if not self._change(
+            self.view.promote(new, old_primary_missed_input=True), why, kind="failover", backend=new
+        ):
             return False
         self.metrics.failovers.labels(kind).inc()
         log.warning("%s is the primary now; %s is stale", new, old)
@@ -421,6 +492,7 @@ class Server:
 
     def _health_changed(self, name: str, health: Health, reason: str) -> None:
         self.metrics.backend_up.labels(name).set(1 if health == "up" else 0)
+        self._event("health", name, f"{name} is {health}: {reason}")
         if health == "up":
             stale = self.role_of(name) != "shadow" and not self.view.in_sync(name)
             log.info(
@@ -469,6 +541,11 @@ class Server:
             "primary": view.primary,
             "mode": self.config.proxy.mode,
             "clean": view.clean,
+            "uptime": round(time.monotonic() - self._started_at, 3),
+            "sessions_active": len(self.sessions),
+            "sessions_total": self.sessions_total,
+            "client_bytes": dict(self._client_bytes),
+            "draining": self._draining,
             "backends": [
                 {
                     "name": b.name,
@@ -481,10 +558,107 @@ class Server:
                     "health": self.health.health(b.name),
                     "sessions": b.sessions,
                     "divergences": b.divergences,
+                    "bytes_to": b.bytes_to,
+                    "bytes_from": b.bytes_from,
+                    "lag_bytes": b.lag,
                 }
                 for b in self.backends.values()
             ],
         }
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        return [e for e in self._events if e["id"] > since]
+
+    def drain(self) -> dict[str, Any]:
+        """Stop accepting; exit once every open session has ended on its own."""
+        if not self._draining:
+            self._draining = True
+            log.warning("draining: no new sessions; exiting when %d end", len(self.sessions))
+            self._event("drain", None, f"draining: {len(self.sessions)} sessions open")
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            self._stop.set()
+        return {"draining": True, "sessions": len(self.sessions)}
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config; apply it without dropping sessions, or keep the old one."""
+        if self._config_source is None:
+            raise ControlError(409, "nothing to reload: the proxy was started without --config")
+        try:
+            new = self._config_source()
+            changes = self._apply(new)
+        except (ConfigError, ControlError) as exc:
+            message = exc.message if isinstance(exc, ControlError) else str(exc)
+            log.error("reload rejected, the running config is kept: %s", message)
+            self._event("reload", None, f"rejected: {message}")
+            raise ControlError(
+                400, f"reload rejected, the running config is kept: {message}"
+            ) from None
+        summary = "; ".join(changes) if changes else "nothing changed"
+        log.warning("reloaded the config: %s", summary)
+        self._event("reload", None, summary)
+        return {"ok": True, "changes": changes}
+
+    def _apply(self, new: Config) -> list[str]:
+        """Switch to ``new``; raise ControlError (changing nothing) when it cannot be."""
+        old = self.config
+        primary = self.view.primary
+        before = {b.name: b for b in old.backends}
+        after = {b.name: b for b in new.backends}
+        if primary not in after or after[primary].role == "shadow":
+            raise ControlError(
+                400, f"the current primary {primary!r} must stay a primary or replica backend"
+            )
+        if after[primary].address != before[primary].address:
+            raise ControlError(400, f"the current primary {primary!r} cannot change its address")
+        changes: list[str] = []
+        moved = {n for n in before.keys() & after.keys() if before[n].address != after[n].address}
+        for n, b in after.items():
+            if n not in before:
+                changes.append(f"added {b.role} {n} ({b.address})")
+            elif n in moved:
+                changes.append(f"{n} moved to {b.address}: stale until marked synced")
+        changes += [f"removed {before[n].role} {n}" for n in before if n not in after]
+        for section in ("proxy", "health", "admin"):
+            was, now = getattr(old, section), getattr(new, section)
+            for f in fields(was):
+                a, b = getattr(was, f.name), getattr(now, f.name)
+                if a != b:
+                    shown = "(changed)" if f.name == "token" else f"{a} -> {b}"
+                    changes.append(f"{section}.{f.name}: {shown}")
+        for what in ("proxy.listen", "admin.listen", "admin.token", "proxy.state_file"):
+            if any(c.startswith(what + ":") for c in changes):
+                log.warning("reload: %s takes effect at the next restart", what)
+        # The view: new replicas (and moved ones) start stale, removed ones leave it.
+        promotable = [primary] + [
+            b.name for b in new.backends if b.role != "shadow" and b.name != primary
+        ]
+        view, _notes = self.view.reconcile(primary, promotable, reset=moved)
+        if view is not self.view and not self._change(view, "config reloaded", kind="reload"):
+            raise ControlError(400, "the new view could not be stored: see the log")
+        for n in before:
+            if n not in after or n in moved:
+                self._retired[n] = self.backends.pop(n)
+                if n not in after:
+                    self.metrics.forget_backend(n)
+        for b in new.backends:
+            if b.name in self.backends:
+                self.backends[b.name].config = b
+            else:
+                self.backends[b.name] = Backend(b)
+        self.config = new
+        self._limits = _limits(new)
+        old_checker = self.health
+        self.health = self._new_health_checker()
+        for n, state in old_checker.states.items():
+            if n in self.health.states and n not in moved:
+                self.health.states[n] = state
+        old_checker.cancel()
+        if self.started.is_set():
+            self.health.start()
+        self._publish_view()
+        return changes
 
     def _known(self, name: str) -> Backend:
         b = self.backends.get(name)
@@ -502,7 +676,9 @@ class Server:
         except IllegalTransition as exc:
             raise ControlError(409, str(exc)) from None
         old = self.view.primary
-        if not self._change(new, f"switchover by the operator: {old} -> {name}"):
+        if not self._change(
+            new, f"switchover by the operator: {old} -> {name}", kind="failover", backend=name
+        ):
             raise ControlError(503, "the new view could not be stored: see the proxy's log")
         self.metrics.failovers.labels("manual").inc()
         return self.status()
@@ -514,13 +690,16 @@ class Server:
             new = self.view.mark_synced(name)
         except IllegalTransition as exc:
             raise ControlError(409, str(exc)) from None
-        if not self._change(new, f"{name} marked in sync by the operator"):
+        if not self._change(
+            new, f"{name} marked in sync by the operator", kind="synced", backend=name
+        ):
             raise ControlError(503, "the new view could not be stored: see the proxy's log")
         return self.status()
 
     def report(self, kind: str, name: str, detail: str, sid: int) -> None:
         if kind == "divergence":
-            self.backends[name].divergences += 1
+            self._event("divergence", name, f"session {sid}: {detail}")
+            self._backend(name).divergences += 1
             self.metrics.divergences.labels(name).inc()
             self._ratelimit.log(
                 log, logging.WARNING, f"divergence:{name}", "session %d: %s: %s", sid, name, detail
@@ -534,7 +713,7 @@ class Server:
                 "session %d: cannot connect to %s (%s): %s",
                 sid,
                 name,
-                self.backends[name].config.address,
+                self._backend(name).config.address,
                 detail,
             )
         elif kind == "dropped":
@@ -550,23 +729,72 @@ class Server:
         if not self.sessions:
             self._idle.set()
         self.metrics.sessions_active.dec()
+        self._account(driver)
+        self._reported.pop(driver, None)
         s = driver.session
         for name in s.members:
-            self.backends[name].sessions -= 1
-            self.metrics.bytes.labels(name, "to_backend").inc(s.fed(name) - s.held(name))
-            self.metrics.bytes.labels(name, "from_backend").inc(s.out(name))
-        self.metrics.client_bytes.labels("from_client").inc(s.received)
-        self.metrics.client_bytes.labels("to_client").inc(s.delivered)
+            self._backend(name).sessions -= 1
+        duration = time.monotonic() - driver.started
+        self.metrics.session_duration.observe(duration)
+        if s.takeovers and outcome == "ok":
+            outcome = "takeover"
         access_log.info(
             "session %d client=%s duration=%.3fs from_client=%d to_client=%d backends=%s "
             "outcome=%s%s%s",
             driver.sid,
             driver.peer,
-            time.monotonic() - driver.started,
+            duration,
             s.received,
             s.delivered,
             ",".join(s.members),
             outcome,
             f" promoted={s.promoted}" if s.promoted else "",
             f" takeovers={s.takeovers}" if s.takeovers else "",
+            extra={
+                "session": driver.sid,
+                "client": driver.peer,
+                "duration": round(duration, 6),
+                "from_client": s.received,
+                "to_client": s.delivered,
+                "backends": s.members,
+                "outcome": outcome,
+            },
         )
+
+    # ------------------------------------------------------ byte accounting
+
+    def _account(self, driver: SessionDriver) -> None:
+        """Add what a session moved since it was last counted to the totals."""
+        s = driver.session
+        seen = self._reported.setdefault(driver, {})
+        for name in s.members:
+            to_now, from_now = s.fed(name) - s.held(name), s.out(name)
+            to_was, from_was = seen.get(name, (0, 0))
+            if to_now != to_was or from_now != from_was:
+                seen[name] = (to_now, from_now)
+                b = self._backend(name)
+                b.bytes_to += to_now - to_was
+                b.bytes_from += from_now - from_was
+                self.metrics.bytes.labels(name, "to_backend").inc(to_now - to_was)
+                self.metrics.bytes.labels(name, "from_backend").inc(from_now - from_was)
+        in_was, out_was = seen.get(CLIENT, (0, 0))
+        if s.received != in_was or s.delivered != out_was:
+            seen[CLIENT] = (s.received, s.delivered)
+            self._client_bytes["from_client"] += s.received - in_was
+            self._client_bytes["to_client"] += s.delivered - out_was
+            self.metrics.client_bytes.labels("from_client").inc(s.received - in_was)
+            self.metrics.client_bytes.labels("to_client").inc(s.delivered - out_was)
+
+    async def _tick(self) -> None:
+        """Once a second: byte totals of live sessions, and each backend's lag."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            lag = dict.fromkeys(self.backends, 0)
+            for driver in list(self.sessions):
+                self._account(driver)
+                for name in driver.session.members:
+                    if name in lag and driver.session.in_session(name):
+                        lag[name] += driver.pending(name)
+            for name, pending in lag.items():
+                self.backends[name].lag = pending
+                self.metrics.replica_lag.labels(name).set(pending)

@@ -85,7 +85,7 @@ def test_example_server_crashing_after_its_reply(tmp_path: Path) -> None:
             # The client's next 40 bytes meet the dead primary's reset: the replica takes
             # over after the 4 bytes the client already has.
             px.proc.wait_for(r"replica: took over from crashing at offset 4")
-            px.proc.wait_for(r"outcome=ok promoted=replica takeovers=1")
+            px.proc.wait_for(r"outcome=takeover promoted=replica takeovers=1")
             assert example_client(px.port) == "HOLA"
             assert px.status()["primary"] == "replica"
 

@@ -113,14 +113,16 @@ class View:
         return View(self.epoch, self.primary, dict(self.backends), clean)
 
     def reconcile(
-        self, primary_in_config: str, configured: Iterable[str]
+        self, primary_in_config: str, configured: Iterable[str], *, reset: Iterable[str] = ()
     ) -> tuple[View, list[str]]:
         """Fit a persisted view to the config's backends; say what changed.
 
         A backend new to the config starts stale (it has none of the data); one
-        gone from the config leaves the view. The view's primary must still be
+        gone from the config leaves the view; one in ``reset`` (a new address
+        under an old name) is stale too. The view's primary must still be
         configured: the caller reports that as an error.
         """
+        reset = set(reset)
         names = list(configured)
         notes: list[str] = []
         if self.primary not in names:
@@ -131,7 +133,10 @@ class View:
             )
         backends: dict[str, SyncState] = {}
         for n in names:
-            if n in self.backends:
+            if n in reset and n != self.primary:
+                backends[n] = STALE
+                notes.append(f"{n} has a new address: stale until marked synced")
+            elif n in self.backends:
                 backends[n] = self.backends[n]
             else:
                 backends[n] = STALE

@@ -64,6 +64,7 @@ class SessionHost(Protocol):
 
     def address_of(self, name: str) -> Address: ...
     def write_limit(self, name: str) -> int | None: ...
+    def connected(self, name: str, seconds: float) -> None: ...
     def mark_stale(self, name: str, reason: str, sid: int) -> None: ...
     def promote_failed(self, old: str, new: str, reason: str, sid: int, kind: str) -> bool: ...
     def report(self, kind: str, name: str, detail: str, sid: int) -> None: ...
@@ -231,7 +232,8 @@ class SessionDriver:
         without delaying a failover by more than that.
         """
         address = self.host.address_of(name)
-        deadline = self.loop.time() + self._connect_timeout
+        began = self.loop.time()
+        deadline = began + self._connect_timeout
         delay = 0.05
         for attempt in range(1, CONNECT_TRIES + 1):
             try:
@@ -252,6 +254,7 @@ class SessionDriver:
             return
         else:  # pragma: no cover - the loop always breaks or returns
             return
+        self.host.connected(name, self.loop.time() - began)
         limit = self.host.write_limit(name)
         if limit is not None:
             transport.set_write_buffer_limits(high=limit, low=limit // 2)
@@ -282,6 +285,12 @@ class SessionDriver:
         for t in self._transports.values():
             t.abort()
         self._finish(outcome)
+
+    def pending(self, name: str) -> int:
+        """Input for ``name`` not yet handed to its socket: held, or in the write buffer."""
+        t = self._transports.get(name)
+        buffered = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+        return self.session.held(name) + buffered
 
     # ------------------------------------------------- called by the protocols
 
