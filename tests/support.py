@@ -360,3 +360,13 @@ def example_client(port: int) -> str:
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+def refused(port: int, timeout: float = 5.0) -> bool:
+    """Whether the proxy closes a new connection at once (a reset or an empty EOF)."""
+    try:
+        with connect(port, timeout=timeout) as s:
+            s.sendall(b"anyone there?")
+            return recv_all(s, timeout=timeout) == b""
+    except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
+        return True

@@ -31,6 +31,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 __all__ = [
     "Address",
     "AdminConfig",
@@ -132,6 +134,8 @@ class ProxyConfig:
     # the leader). Raise it to refuse sessions that no replica would protect.
     min_in_sync: int = 0
     divergence: Divergence = "log"
+    # Client allow-list (CIDRs, IPv4 and IPv6); empty: every client may connect.
+    allow: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +425,25 @@ def _sample(value: object, where: str) -> float:
     return float(value)
 
 
-def _is_loopback(host: str) -> bool:
+def _networks(value: object, where: str) -> tuple[IPNetwork, ...]:
+    """A list of CIDRs like ``["10.0.0.0/8", "::1/128"]`` (a bare address is a /32 or /128)."""
+    if not isinstance(value, list):
+        raise ConfigError(
+            f'{where}: expected a list of CIDRs like ["10.0.0.0/8"], got {_show(value)}'
+        )
+    out: list[IPNetwork] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}[{i}]: expected a CIDR string, got {_show(item)}")
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as exc:
+            raise ConfigError(f"{where}[{i}]: not a CIDR: {item!r} ({exc})") from None
+    return tuple(out)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
     if host.lower() in ("localhost", "localhost."):
         return True
     try:
@@ -447,6 +469,7 @@ _PROXY_KEYS: dict[str, _Parser] = {
     "max_connections": lambda v, w: _integer(v, w, minimum=1),
     "min_in_sync": lambda v, w: _integer(v, w, minimum=0),
     "divergence": lambda v, w: _choice(v, w, _DIVERGENCES),
+    "allow": _networks,
 }
 _ADMIN_KEYS: dict[str, _Parser] = {
     "listen": lambda v, w: _address(v, w, allow_zero=True),
@@ -634,7 +657,7 @@ def _finish(draft: _Draft, missing_primary: str) -> Config:
         )
 
     listen = draft.admin.listen
-    if listen is not None and not _is_loopback(listen.host) and not draft.admin.token.strip():
+    if listen is not None and not is_loopback(listen.host) and not draft.admin.token.strip():
         if draft.admin_from_flag:
             raise ConfigError(
                 f"--admin: admin.token in the config file is required when the admin API is "

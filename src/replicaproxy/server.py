@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import random
@@ -22,7 +23,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from replicaproxy.config import Address, BackendConfig, Config, ConfigError
+from replicaproxy.config import (
+    Address,
+    BackendConfig,
+    Config,
+    ConfigError,
+    IPNetwork,
+    is_loopback,
+)
 from replicaproxy.control import ControlError
 from replicaproxy.core.events import CLIENT
 from replicaproxy.core.session import Limits, Member, Session
@@ -46,6 +54,19 @@ access_log = logging.getLogger("replicaproxy.access")
 EVENTS_KEPT = 200
 #: How often byte counters and lag gauges are brought up to date.
 TICK_SECONDS = 1.0
+
+
+def _allowed(peer: object, allow: tuple[IPNetwork, ...]) -> bool:
+    """Whether a client's address is in the allow-list."""
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:10.0.0.1
+    return any(address in net for net in allow)
 
 
 def _limits(config: Config) -> Limits:
@@ -169,6 +190,12 @@ class Server:
             raise StartError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         sock = self._listener.sockets[0].getsockname()
         self.bound = Address(str(sock[0]), int(sock[1]))
+        if not self.config.proxy.allow and not is_loopback(listen.host):
+            log.warning(
+                "listening on %s with no proxy.allow list: any host that can reach it may "
+                "connect (and its bytes go to every backend)",
+                listen,
+            )
         self.health.start()
         self._ticker = loop.create_task(self._tick(), name="metrics-tick")
         if self.config.admin.listen is not None:
@@ -377,6 +404,12 @@ class Server:
     def _accept(self, transport: asyncio.Transport) -> SessionDriver | None:
         peer = transport.get_extra_info("peername")
         if self._stop.is_set():
+            transport.abort()
+            return None
+        allow = self.config.proxy.allow
+        if allow and not _allowed(peer, allow):
+            self.metrics.refused.labels("acl").inc()
+            self._ratelimit.log(log, logging.WARNING, "acl", "refused %s: not in proxy.allow", peer)
             transport.abort()
             return None
         if len(self.sessions) >= self.config.proxy.max_connections:
@@ -738,6 +771,9 @@ class Server:
         self.metrics.session_duration.observe(duration)
         if s.takeovers and outcome == "ok":
             outcome = "takeover"
+        elif outcome in ("refused", "overloaded"):
+            # No primary could be had, or this machine ran out of descriptors.
+            self.metrics.refused.labels("no_primary" if outcome == "refused" else outcome).inc()
         access_log.info(
             "session %d client=%s duration=%.3fs from_client=%d to_client=%d backends=%s "
             "outcome=%s%s%s",

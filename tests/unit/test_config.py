@@ -812,3 +812,23 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
     config = load_config(EXAMPLE)
     path.write_text(render(config), encoding="utf-8")
     assert load_config(path) == config
+
+
+def test_allow_list_parses_cidrs_and_names_a_bad_one() -> None:
+    import ipaddress
+
+    base = {"backend": [{"name": "p", "address": "127.0.0.1:1", "role": "primary"}]}
+    config = config_from_dict({**base, "proxy": {"allow": ["10.0.0.0/8", "::1/128", "127.0.0.1"]}})
+    assert config.proxy.allow == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+        ipaddress.ip_network("127.0.0.1/32"),
+    )
+    for bad, message in [
+        ("10.0.0.0/8", "expected a list of CIDRs"),
+        (["10.0.0.1/8"], "proxy.allow[0]: not a CIDR: '10.0.0.1/8'"),
+        (["nope"], "proxy.allow[0]: not a CIDR"),
+        ([8], "proxy.allow[0]: expected a CIDR string"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_from_dict({**base, "proxy": {"allow": bad}})

@@ -675,3 +675,15 @@ def test_takeover_never_splices_mismatched_bytes(
         # Every byte the client got was produced by the replica too, unless the
         # replica was ejected (stale) first.
         assert replica_stream.startswith(got) or R in h.stale()
+
+
+def test_running_out_of_descriptors_blames_no_backend() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(ClientData(b"x"))
+    h(UpstreamConnected(R))
+    acts = h(UpstreamConnectFailed(P, "Too many open files", local=True))
+    assert not [a for a in acts if isinstance(a, Promote)], "no failover for a local shortage"
+    assert Abort(R) in acts and Close(CLIENT) in acts
+    assert not h.stale()
+    assert h.session.outcome == "overloaded"

@@ -61,8 +61,12 @@ class UpstreamConnected(Event):
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConnectFailed(Event):
+    """The connect failed. ``local``: for want of a resource here (file
+    descriptors, memory), which says nothing about the backend."""
+
     name: str
     reason: str
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,6 +322,12 @@ class Session:
             return
         u.state = _State.CLOSED
         self._forget(u, actions)
+        if event.local:
+            # Out of descriptors or memory here: no backend is to blame, so nobody
+            # becomes stale and nobody is promoted; the client is turned away.
+            actions.append(Report("closed", u.name, f"cannot connect: {event.reason} (local)"))
+            self._refuse(actions, "overloaded")
+            return
         actions.append(Report("connect_failed", u.name, event.reason))
         if u is self._primary:
             self._primary_lost = event.reason
@@ -351,10 +357,10 @@ class Session:
             return
         self._refuse(actions)
 
-    def _refuse(self, actions: list[Action]) -> None:
+    def _refuse(self, actions: list[Action], outcome: str = "refused") -> None:
         for m in self._feeding:
             self._abort(m, actions)
-        self._end("refused", actions)
+        self._end(outcome, actions)
 
     def _on_promote_result(self, event: PromoteResult, actions: list[Action]) -> None:
         r = self._promoting

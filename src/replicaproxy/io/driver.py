@@ -9,6 +9,7 @@ on anything else. ``OSError`` is caught here, at the edge, and becomes an event.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections import deque
@@ -57,6 +58,11 @@ log = logging.getLogger(__name__)
 
 #: Connect attempts per upstream per session (see SessionDriver._connect).
 CONNECT_TRIES = 3
+#: Connect errors that are this machine's shortage, not the backend's failure:
+#: they must never make a backend stale or trigger a failover.
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 
 class SessionHost(Protocol):
@@ -246,6 +252,9 @@ class SessionDriver:
                 reason = f"no answer within {self._connect_timeout} s"
             except OSError as exc:
                 reason = describe_error(exc)
+                if exc.errno in LOCAL_ERRNOS:
+                    self.feed(UpstreamConnectFailed(name, reason, local=True))
+                    return
                 if attempt < CONNECT_TRIES and self.loop.time() + delay < deadline:
                     await asyncio.sleep(delay)
                     delay *= 2

@@ -1,0 +1,169 @@
+"""Tier 2: what an operator uses: metrics, reload, drain, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support import (
+    WAIT,
+    config_text,
+    connect,
+    example_client,
+    example_server,
+    recv_all,
+    refused,
+    replicaproxy,
+    run_proxy,
+    running,
+    sink,
+)
+
+FAMILIES = [
+    "replicaproxy_sessions_total",
+    "replicaproxy_sessions_active",
+    "replicaproxy_bytes_total",
+    "replicaproxy_backend_up",
+    "replicaproxy_backend_in_sync",
+    "replicaproxy_failovers_total",
+    "replicaproxy_divergences_total",
+    "replicaproxy_epoch",
+    "replicaproxy_replica_lag_bytes",
+    "replicaproxy_refused_total",
+    "replicaproxy_connect_seconds_bucket",
+    "replicaproxy_session_duration_seconds_bucket",
+]
+
+
+def post(admin: str, path: str) -> dict[str, object]:
+    request = urllib.request.Request(f"http://{admin}{path}", method="POST")
+    with urllib.request.urlopen(request, timeout=WAIT) as r:
+        answer: dict[str, object] = json.loads(r.read())
+        return answer
+
+
+def test_metrics_has_every_family_with_real_numbers(tmp_path: Path) -> None:
+    with example_server("p") as (_, pp), example_server("r") as (_, rp):
+        config = config_text(tmp_path, [("p", pp, "primary"), ("r", rp, "replica")])
+        with run_proxy(config) as px:
+            assert example_client(px.port) == "HOLA"
+            px.proc.wait_for(r"outcome=ok")
+            with urllib.request.urlopen(f"http://{px.admin}/metrics", timeout=WAIT) as r:
+                text = r.read().decode()
+            for family in FAMILIES:
+                assert family in text, family
+            assert "replicaproxy_sessions_total 1.0" in text
+            assert 'replicaproxy_bytes_total{backend="r",direction="to_backend"} 56.0' in text
+            assert 'replicaproxy_client_bytes_total{direction="to_client"} 4.0' in text
+            assert 'replicaproxy_connect_seconds_count{backend="p"} 1.0' in text
+
+
+def test_sighup_adds_a_replica_without_dropping_a_live_session(tmp_path: Path) -> None:
+    with sink("p") as (_, pp), sink("r1") as (_, r1), sink("r2") as (r2proc, r2):
+        config = config_text(tmp_path, [("p", pp, "primary"), ("r1", r1, "replica")])
+        with run_proxy(config) as px, connect(px.port) as live:
+            live.sendall(b"before ")
+            text = Path(config).read_text()
+            text += f'[[backend]]\nname = "r2"\naddress = "127.0.0.1:{r2}"\nrole = "replica"\n'
+            text = text.replace("[proxy]\n", '[proxy]\nidle_timeout = "10m"\n')
+            Path(config).write_text(text)
+            px.proc.signal(signal.SIGHUP)
+            px.proc.wait_for(r"reloaded the config: added replica r2 .*proxy.idle_timeout: ")
+            assert px.states() == {"p": "in_sync", "r1": "in_sync", "r2": "stale"}
+            # The session from before the reload goes on, untouched.
+            live.sendall(b"after")
+            live.shutdown(socket.SHUT_WR)
+            assert recv_all(live).startswith(b"12 ")
+            # r2 is stale, so it gets no sessions until an operator marks it synced.
+            assert px.ctl("mark-synced", "r2").returncode == 0
+            with connect(px.port) as s:
+                s.sendall(b"now r2 too")
+                s.shutdown(socket.SHUT_WR)
+                recv_all(s)
+            r2proc.wait_for(r"conn 10 ")
+
+
+def test_a_bad_reload_is_rejected_and_the_old_config_kept(tmp_path: Path) -> None:
+    with sink("p") as (_, pp), sink("r") as (_, rp):
+        config = config_text(tmp_path, [("p", pp, "primary"), ("r", rp, "replica")])
+        good = Path(config).read_text()
+        with run_proxy(config) as px:
+            Path(config).write_text(good.replace("[health]", "[health]\nfal = 3"))
+            with pytest.raises(urllib.error.HTTPError) as err:
+                post(px.admin, "/reload")
+            assert err.value.code == 400
+            assert "health.fal: unknown key" in err.value.read().decode()
+            px.proc.wait_for(r"reload rejected, the running config is kept")
+            # Removing the current primary is refused too.
+            Path(config).write_text(good.replace('role = "primary"', 'role = "shadow"'))
+            px.proc.signal(signal.SIGHUP)
+            px.proc.wait_for(r"the current primary 'p' must stay")
+            status = px.status()
+            assert status["primary"] == "p" and status["epoch"] == 0
+            with connect(px.port) as s:
+                s.sendall(b"still serving")
+                s.shutdown(socket.SHUT_WR)
+                assert recv_all(s).startswith(b"13 ")
+
+
+def test_drain_finishes_open_sessions_then_exits(tmp_path: Path) -> None:
+    with sink("p") as (_, pp):
+        config = config_text(tmp_path, [("p", pp, "primary")])
+        with run_proxy(config) as px, connect(px.port) as live:
+            live.sendall(b"in flight")
+            answer = post(px.admin, "/drain")
+            assert answer == {"draining": True, "sessions": 1}
+            px.proc.wait_for(r"waiting for as long as they last for 1 sessions")
+            assert refused(px.port)
+            live.shutdown(socket.SHUT_WR)
+            assert recv_all(live).startswith(b"9 ")
+            assert px.proc.wait() == 0
+            state = json.loads((tmp_path / "state.json").read_text())
+            assert state["clean"] is True
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    with sink("p") as (_, pp):
+        config = config_text(tmp_path, [("p", pp, "primary")])
+        args = replicaproxy("run", "--config", config, "--log-format", "json")
+        with running(args, name="proxy-json") as proc:
+            line = proc.wait_for(r'"message": "listening on').string
+            port = int(json.loads(line)["message"].split(":")[1].split()[0])
+            with connect(port) as s:
+                s.sendall(b"hello")
+                s.shutdown(socket.SHUT_WR)
+                recv_all(s)
+            access = json.loads(proc.wait_for(r'"outcome": "ok"').string)
+            assert access["logger"] == "replicaproxy.access"
+            assert access["from_client"] == 5 and access["backends"] == ["p"]
+            proc.signal(signal.SIGTERM)
+            assert proc.wait() == 0
+            for line in proc.lines:
+                record = json.loads(line)
+                assert {"time", "level", "logger", "message"} <= set(record)
+
+
+def test_allow_list_closes_other_clients_at_accept(tmp_path: Path) -> None:
+    with sink("p") as (primary, pp):
+        config = config_text(
+            tmp_path, [("p", pp, "primary")], extra='allow = ["10.0.0.0/8", "::1/128"]'
+        )
+        with run_proxy(config) as px:
+            assert refused(px.port)
+            px.proc.wait_for(r"refused \('127\.0\.0\.1', \d+\): not in proxy\.allow")
+            with urllib.request.urlopen(f"http://{px.admin}/metrics", timeout=WAIT) as r:
+                assert 'replicaproxy_refused_total{reason="acl"} 1.0' in r.read().decode()
+            assert primary.count(r"^conn \d+ ") == primary.count(r"^conn 0 "), (
+                "nothing from a refused client reaches a backend"
+            )
+        allowed = config_text(tmp_path, [("p", pp, "primary")], extra='allow = ["127.0.0.1/32"]')
+        with run_proxy(allowed) as px, connect(px.port) as s:
+            s.sendall(b"hi")
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s).startswith(b"2 ")
