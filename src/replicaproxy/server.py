@@ -36,7 +36,7 @@ from replicaproxy.core.events import CLIENT
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import Health, HealthChecker
-from replicaproxy.io.driver import ClientProtocol, SessionDriver
+from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
 from replicaproxy.logutil import RateLimited
 from replicaproxy.metrics import Metrics
 from replicaproxy.store import FileStateStore, StateError, StateStore
@@ -67,6 +67,12 @@ def _allowed(peer: object, allow: tuple[IPNetwork, ...]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # a dual-stack listener sees ::ffff:10.0.0.1
     return any(address in net for net in allow)
+
+
+def _flusher(config: Config) -> Flusher | None:
+    """Batched replica writes: async mode only (sync mode waits for replicas)."""
+    p = config.proxy
+    return Flusher(p.replica_flush) if p.mode == "async" and p.replica_flush > 0 else None
 
 
 def _limits(config: Config) -> Limits:
@@ -137,6 +143,7 @@ class Server:
         self._reported: dict[SessionDriver, dict[str, tuple[int, int]]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
+        self._flusher = _flusher(config)
         self._admin: Any = None
         self._running = False  # the state file says a proxy runs on this view
         self._listener: asyncio.Server | None = None
@@ -461,6 +468,7 @@ class Server:
             transport,
             connect_timeout=self.config.proxy.connect_timeout,
             idle_timeout=self.config.proxy.idle_timeout,
+            flusher=self._flusher,
         )
         self.sessions.add(driver)
         self._idle.clear()
@@ -682,6 +690,8 @@ class Server:
                 self.backends[b.name] = Backend(b)
         self.config = new
         self._limits = _limits(new)
+        if new.proxy.mode != old.proxy.mode or new.proxy.replica_flush != old.proxy.replica_flush:
+            self._flusher = _flusher(new)  # for new sessions; live ones keep theirs
         old_checker = self.health
         self.health = self._new_health_checker()
         for n, state in old_checker.states.items():

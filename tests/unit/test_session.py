@@ -36,6 +36,7 @@ from replicaproxy.core.events import (
     UpstreamData,
     UpstreamEof,
     Write,
+    WriteAll,
     WriteBlocked,
     WriteEof,
     WriteUnblocked,
@@ -56,10 +57,13 @@ class Harness:
 
     def record(self, actions: list[Action]) -> list[Action]:
         for a in actions:
+            writes = [(t, a.data) for t in a.targets] if isinstance(a, WriteAll) else []
             if isinstance(a, Write):
-                assert a.target not in self.eof_sent, f"write to {a.target} after its EOF"
-                self.written[a.target] += a.data
-            elif isinstance(a, WriteEof):
+                writes = [(a.target, a.data)]
+            for target, data in writes:
+                assert target not in self.eof_sent, f"write to {target} after its EOF"
+                self.written[target] += data
+            if isinstance(a, WriteEof):
                 assert a.target not in self.eof_sent, f"second EOF to {a.target}"
                 self.eof_sent[a.target] = len(self.written[a.target])
         self.actions += actions
@@ -73,6 +77,16 @@ class Harness:
 
     def of(self, kind: type[Action]) -> list[Action]:
         return [a for a in self.actions if isinstance(a, kind)]
+
+    def writes(self) -> list[tuple[str, bytes]]:
+        """Every write, as (target, data), WriteAll spelled out."""
+        out: list[tuple[str, bytes]] = []
+        for a in self.actions:
+            if isinstance(a, Write):
+                out.append((a.target, a.data))
+            elif isinstance(a, WriteAll):
+                out += [(t, a.data) for t in a.targets]
+        return out
 
     def stale(self) -> set[str]:
         return {a.name for a in self.actions if isinstance(a, MarkStale)}
@@ -105,7 +119,7 @@ def test_input_is_held_until_the_primary_connects() -> None:
     h.start()
     h(UpstreamConnected(R))
     h(ClientData(b"early"))
-    assert not h.of(Write), "nothing may be written before the primary is there"
+    assert not h.writes(), "nothing may be written before the primary is there"
     acts = h(UpstreamConnected(P))
     assert h.written[P] == b"early"
     assert h.written[R] == b"early"
@@ -115,10 +129,18 @@ def test_input_is_held_until_the_primary_connects() -> None:
 def test_one_bytes_object_is_shared_by_every_upstream_write() -> None:
     h = connected((P, "primary"), (R, "replica"), (S, "shadow"))
     chunk = b"x" * 100
-    acts = h(ClientData(chunk))
-    writes = [a for a in acts if isinstance(a, Write)]
-    assert [w.target for w in writes] == [P, R, S]
-    assert all(w.data is chunk for w in writes)
+    h.actions.clear()
+    h(ClientData(chunk))
+    writes = h.writes()
+    assert [target for target, _ in writes] == [P, R, S]
+    assert all(data is chunk for _, data in writes)
+    # The hot path's shortcut does the same.
+    h.actions.clear()
+    chunk2 = b"y" * 10
+    h.record(h.session.client_data(chunk2))
+    assert h.writes() == [(P, chunk2), (R, chunk2), (S, chunk2)]
+    assert all(data is chunk2 for _, data in h.writes())
+    assert h.session.fed(R) == 110 and h.session.received == 110
 
 
 def test_client_gets_the_primary_only() -> None:
@@ -273,7 +295,7 @@ def test_primary_unreachable_and_no_replica_refuses_without_sending_anything() -
     acts = h(UpstreamConnectFailed(P, "refused"))
     assert Abort(S) in acts and Close(CLIENT) in acts
     assert not [a for a in h.actions if isinstance(a, Promote)], "a shadow is never promoted"
-    assert not h.of(Write)
+    assert not h.writes()
     h(UpstreamClosed(S))
     assert h(ClientClosed()) == [Finished("refused")]
 
@@ -288,7 +310,7 @@ def test_primary_unreachable_promotes_the_first_replica_in_order() -> None:
     assert h(UpstreamConnectFailed(P, "refused")) == [Report("connect_failed", P, "refused")]
     acts = h(UpstreamConnected("r1"))
     assert acts == [Promote("r1", P, "primary unreachable: refused", "connect")]
-    assert not h.of(Write), "nothing is sent before the new primary is confirmed"
+    assert not h.writes(), "nothing is sent before the new primary is confirmed"
     acts = h(PromoteResult("r1", ok=True))
     assert h.session.primary == "r1"
     assert h.session.promoted == "r1"
@@ -309,7 +331,7 @@ def test_primary_unreachable_and_promotion_refused_closes_the_client() -> None:
     h(UpstreamConnectFailed(P, "refused"))
     acts = h(PromoteResult(R, ok=False))
     assert Abort(R) in acts and Close(CLIENT) in acts
-    assert not h.of(Write)
+    assert not h.writes()
 
 
 def test_primary_down_without_a_replica_ends_the_session() -> None:
@@ -504,7 +526,7 @@ def test_client_reset_before_the_primary_connects_sends_nothing_anywhere() -> No
     h(ClientData(b"never mind"))
     acts = h(ClientClosed("ConnectionResetError"))
     assert Abort(P) in acts and Abort(R) in acts
-    assert not h.of(Write)
+    assert not h.writes()
     assert not h.stale(), "nobody got the bytes, so nobody missed them"
     h(UpstreamClosed(P))
     assert h(UpstreamClosed(R)) == [Finished("client_reset")]

@@ -150,6 +150,14 @@ class Write(Action):
 
 
 @dataclass(frozen=True, slots=True)
+class WriteAll(Action):
+    """Write ``data`` to each of ``targets``, in order (one bytes object for all)."""
+
+    targets: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class WriteEof(Action):
     """Half-close ``target`` once everything written before has been sent."""
 

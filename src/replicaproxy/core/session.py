@@ -66,6 +66,7 @@ from replicaproxy.core.events import (
     UpstreamData,
     UpstreamEof,
     Write,
+    WriteAll,
     WriteBlocked,
     WriteEof,
     WriteUnblocked,
@@ -181,6 +182,8 @@ class Session:
         ]
         self._mirrors: list[_Upstream] = self._feeding[1:]  # compared with the primary
         self._gate_open = False  # input flows once the primary is connected
+        #: Where client bytes go while every upstream is connected (None: work it out).
+        self._route: tuple[str, ...] | None = None
         self._sync = self.limits.mode == "sync"
         self._client_pause: set[str] = set()
         self._primary_pause: set[str] = set()
@@ -256,10 +259,40 @@ class Session:
         self._check_finished(actions)
         return actions
 
+    def client_data(self, data: bytes) -> list[Action]:
+        """The hot path's shortcut for ``handle(ClientData(data))``."""
+        route = self._route
+        if route is not None and not self.finished:
+            # Every upstream connected and taking input: one stream, one write action.
+            n = len(data)
+            self.received += n
+            for u in self._feeding:
+                u.fed += n
+            return [WriteAll(route, data)]
+        return self.handle(ClientData(data))
+
+    def upstream_data(self, name: str, data: bytes) -> list[Action]:
+        """The hot path's shortcut for ``handle(UpstreamData(name, data))``."""
+        if self.finished:
+            return []
+        actions: list[Action] = []
+        self._on_upstream_data_named(name, data, actions)
+        return actions
+
     def _on_client_data(self, event: ClientData, actions: list[Action]) -> None:
         data = event.data
         if self.client_eof or self._ending:
             return  # nothing may follow EOF; after the end, input goes nowhere
+        if (
+            self._route is None
+            and self._gate_open
+            and not self._held_any()
+            and all(u.state is _State.OPEN for u in self._feeding)
+        ):
+            self._route = tuple(u.name for u in self._feeding)
+        if self._route is not None:
+            actions.extend(self.client_data(data))
+            return
         n = len(data)
         self.received += n
         gate = self._gate_open
@@ -280,6 +313,7 @@ class Session:
         if self.client_eof:
             return
         self.client_eof = True
+        self._route = None
         if self._gate_open:
             for u in self._feeding:
                 if u.state is _State.OPEN:
@@ -299,6 +333,7 @@ class Session:
         if u.state is not _State.CONNECTING:
             return
         u.state = _State.OPEN
+        self._route = None
         if self._ending:
             self._close(u, actions)
         elif u is self._primary:
@@ -321,6 +356,7 @@ class Session:
         if u.state is not _State.CONNECTING:
             return
         u.state = _State.CLOSED
+        self._route = None
         self._forget(u, actions)
         if event.local:
             # Out of descriptors or memory here: no backend is to blame, so nobody
@@ -378,15 +414,18 @@ class Session:
         self._mirrors.remove(r)
         self._feeding.remove(r)
         self._feeding.insert(0, r)
+        self._route = None
         self._primary = r
         self.promoted = r.name
         if old in self._feeding:
             self._feeding.remove(old)
+            self._route = None
         if r.state is _State.OPEN:
             self._open_gate(actions)
 
     def _open_gate(self, actions: list[Action]) -> None:
         self._gate_open = True
+        self._route = None
         for m in self._feeding:
             if m.state is _State.OPEN:
                 self._release_held(m, actions)
@@ -405,9 +444,14 @@ class Session:
         if p.live:
             self._takeover(f"{p.name} marked down: {event.reason}", actions)
 
+    def _held_any(self) -> bool:
+        return any(u.held for u in self._feeding)
+
     def _on_upstream_data(self, event: UpstreamData, actions: list[Action]) -> None:
-        u = self._ups[event.name]
-        data = event.data
+        self._on_upstream_data_named(event.name, event.data, actions)
+
+    def _on_upstream_data_named(self, name: str, data: bytes, actions: list[Action]) -> None:
+        u = self._ups[name]
         if u is self._primary:
             self._primary_output(data, actions)
         elif u.compared:
@@ -418,6 +462,21 @@ class Session:
     def _primary_output(self, data: bytes, actions: list[Action]) -> None:
         p = self._primary
         start = p.out
+        if start == self._frontier and not self._sync and not self._window:
+            compared = False
+            for r in self._mirrors:
+                if r.compared:
+                    compared = True
+                    break
+            if not compared:
+                # Nobody to compare with (no replica, or none still compared).
+                n = len(data)
+                p.out = self._frontier = start + n
+                self._window_base = self._frontier
+                if not self._client_gone():
+                    actions.append(Write(CLIENT, data))
+                self.delivered = self._frontier
+                return
         p.out = start + len(data)
         behind = self._frontier - start
         if behind > 0:
@@ -665,6 +724,7 @@ class Session:
         self._mirrors.remove(r)
         self._feeding.remove(r)
         self._feeding.insert(0, r)
+        self._route = None
         r.role = "primary"
         r.compared = False
         self._primary = r
@@ -759,6 +819,7 @@ class Session:
         u = self._ups[event.name]
         was = u.state
         u.state = _State.CLOSED
+        self._route = None
         self._forget(u, actions)
         if was is _State.CLOSING:
             if u.role == "replica":
@@ -907,6 +968,7 @@ class Session:
         """Take ``u`` out of the input stream and the comparisons."""
         if u in self._feeding:
             self._feeding.remove(u)
+            self._route = None
         u.held.clear()
         u.held_size = 0
         if u.compared:
@@ -946,11 +1008,13 @@ class Session:
     def _abort(self, u: _Upstream, actions: list[Action]) -> None:
         if u.live:
             u.state = _State.CLOSING
+            self._route = None
             actions.append(Abort(u.name))
 
     def _close(self, u: _Upstream, actions: list[Action]) -> None:
         if u.state is _State.OPEN:
             u.state = _State.CLOSING
+            self._route = None
             actions.append(Close(u.name))
             self._start_linger(actions)
         elif u.state is _State.CONNECTING:
@@ -975,6 +1039,7 @@ class Session:
         if self._ending:
             return
         self._ending = True
+        self._route = None
         if self.outcome is None:
             self.outcome = outcome
         if outcome == "ok":

@@ -47,6 +47,7 @@ from replicaproxy.core.events import (
     UpstreamData,
     UpstreamEof,
     Write,
+    WriteAll,
     WriteBlocked,
     WriteEof,
     WriteUnblocked,
@@ -81,6 +82,35 @@ def _describe(exc: BaseException | None) -> str | None:
     return None if exc is None else describe_error(exc)
 
 
+class Flusher:
+    """Writes to replicas and shadows in batches, on one shared tick.
+
+    In async mode nothing waits for a replica, so its copy of the input need
+    not be written chunk by chunk: gathering a tick's worth and writing it at
+    once saves a system call per request and per replica (and wakes the
+    replica less often). The tick bounds how far a replica's input lags.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._dirty: set[SessionDriver] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def mark(self, driver: SessionDriver) -> None:
+        self._dirty.add(driver)
+        if self._handle is None:
+            self._handle = driver.loop.call_later(self.interval, self._tick)
+
+    def forget(self, driver: SessionDriver) -> None:
+        self._dirty.discard(driver)
+
+    def _tick(self) -> None:
+        self._handle = None
+        dirty, self._dirty = self._dirty, set()
+        for driver in dirty:
+            driver.flush()
+
+
 class SessionDriver:
     """Carries out one :class:`Session`'s actions on real transports."""
 
@@ -93,6 +123,7 @@ class SessionDriver:
         *,
         connect_timeout: float,
         idle_timeout: float,
+        flusher: Flusher | None = None,
     ) -> None:
         self.sid = sid
         self.session = session
@@ -111,6 +142,9 @@ class SessionDriver:
         self.last_activity = self.loop.time()
         self._idle_handle: asyncio.TimerHandle | None = None
         self.finished = asyncio.Event()
+        self._flusher = flusher
+        self._batched: set[str] = set()  # upstreams whose writes wait for the tick
+        self._deferred: dict[str, list[bytes]] = {}
 
     # ---------------------------------------------------------------- events
 
@@ -166,11 +200,70 @@ class SessionDriver:
 
     # --------------------------------------------------------------- actions
 
+    def flush(self, target: str | None = None) -> None:
+        """Write out the batched input of ``target`` (of every upstream: None)."""
+        names = list(self._deferred) if target is None else [target]
+        for name in names:
+            chunks = self._deferred.pop(name, None)
+            t = self._transports.get(name)
+            if chunks and t is not None and not t.is_closing():
+                t.writelines(chunks)
+
+    def client_data(self, data: bytes) -> None:
+        """ClientData, without building the event when nothing else is going on."""
+        if self._dispatching:
+            self.feed(ClientData(data))
+            return
+        self._dispatching = True
+        try:
+            for action in self.session.client_data(data):
+                self._do(action)
+            while self._queue:
+                self._run(self.session.handle(self._queue.popleft()))
+        except Exception:
+            log.exception("session %d: internal error; closing the session", self.sid)
+            self._teardown("internal_error")
+        finally:
+            self._dispatching = False
+
+    def upstream_data(self, name: str, data: bytes) -> None:
+        """UpstreamData, without building the event when nothing else is going on."""
+        if self._dispatching:
+            self.feed(UpstreamData(name, data))
+            return
+        self._dispatching = True
+        try:
+            for action in self.session.upstream_data(name, data):
+                self._do(action)
+            while self._queue:
+                self._run(self.session.handle(self._queue.popleft()))
+        except Exception:
+            log.exception("session %d: internal error; closing the session", self.sid)
+            self._teardown("internal_error")
+        finally:
+            self._dispatching = False
+
+    def _write(self, target: str, data: bytes) -> None:
+        if target in self._batched:
+            queued = self._deferred.get(target)
+            if queued is None:
+                self._deferred[target] = [data]
+                assert self._flusher is not None
+                self._flusher.mark(self)
+            else:
+                queued.append(data)
+            return
+        t = self._transports.get(target)
+        if t is not None and not t.is_closing():
+            t.write(data)
+
     def _do(self, action: Action) -> None:
-        if type(action) is Write:
-            t = self._transports.get(action.target)
-            if t is not None and not t.is_closing():
-                t.write(action.data)
+        if type(action) is WriteAll:
+            data = action.data
+            for target in action.targets:
+                self._write(target, data)
+        elif type(action) is Write:
+            self._write(action.target, action.data)
         elif isinstance(action, PauseReading):
             t = self._transports.get(action.target)
             if t is not None and not t.is_closing():
@@ -185,14 +278,18 @@ class SessionDriver:
             task.add_done_callback(lambda t: self._connect_done(name, t))
             self._connecting[name] = task
         elif isinstance(action, WriteEof):
+            self.flush(action.target)
             t = self._transports.get(action.target)
             if t is not None and not t.is_closing() and t.can_write_eof():
                 t.write_eof()
         elif isinstance(action, Close):
+            self.flush(action.target)
             t = self._transports.get(action.target)
             if t is not None:
                 t.close()
         elif isinstance(action, Abort):
+            self._deferred.pop(action.target, None)
+            self._batched.discard(action.target)
             self._abort(action.target)
         elif isinstance(action, StartTimer):
             old = self._timers.pop(action.timer, None)
@@ -208,6 +305,8 @@ class SessionDriver:
         elif isinstance(action, MarkStale):
             self.host.mark_stale(action.name, action.reason, self.sid)
         elif isinstance(action, Promote):
+            self.flush(action.name)  # a primary's input is never held back
+            self._batched.discard(action.name)
             t = self._transports.get(action.name)
             if t is not None:
                 t.set_write_buffer_limits()  # a primary's limits: it sets the client's pace
@@ -267,6 +366,8 @@ class SessionDriver:
         limit = self.host.write_limit(name)
         if limit is not None:
             transport.set_write_buffer_limits(high=limit, low=limit // 2)
+            if self._flusher is not None:
+                self._batched.add(name)
         self.feed(UpstreamConnected(name))
 
     def _connect_done(self, name: str, task: asyncio.Task[None]) -> None:
@@ -277,6 +378,9 @@ class SessionDriver:
             self.feed(UpstreamClosed(name, None))
 
     def _finish(self, outcome: str) -> None:
+        if self._flusher is not None:
+            self._flusher.forget(self)
+        self._deferred.clear()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -299,7 +403,8 @@ class SessionDriver:
         """Input for ``name`` not yet handed to its socket: held, or in the write buffer."""
         t = self._transports.get(name)
         buffered = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
-        return self.session.held(name) + buffered
+        deferred = sum(len(c) for c in self._deferred.get(name, ()))
+        return self.session.held(name) + buffered + deferred
 
     # ------------------------------------------------- called by the protocols
 
@@ -322,7 +427,7 @@ class ClientProtocol(asyncio.Protocol):
         d = self.driver
         if d is not None:
             d.last_activity = d.loop.time()
-            d.feed(ClientData(data))
+            d.client_data(data)
 
     def eof_received(self) -> bool:
         if self.driver is not None:
@@ -357,7 +462,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         d = self.driver
         d.last_activity = d.loop.time()
-        d.feed(UpstreamData(self.name, data))
+        d.upstream_data(self.name, data)
 
     def eof_received(self) -> bool:
         self.driver.feed(UpstreamEof(self.name))
