@@ -163,10 +163,14 @@ class SessionDriver:
         """
         if self._dispatching:
             self._queue.append(event)
-            return
+        else:
+            self._dispatch(self.session.handle, event)
+
+    def _dispatch(self, step: Callable[..., list[Action]], *args: object) -> None:
+        """Run one step of the session and every event queued meanwhile."""
         self._dispatching = True
         try:
-            self._run(self.session.handle(event))
+            self._run(step(*args))
             while self._queue:
                 self._run(self.session.handle(self._queue.popleft()))
         except Exception:
@@ -212,36 +216,16 @@ class SessionDriver:
     def client_data(self, data: bytes) -> None:
         """ClientData, without building the event when nothing else is going on."""
         if self._dispatching:
-            self.feed(ClientData(data))
-            return
-        self._dispatching = True
-        try:
-            for action in self.session.client_data(data):
-                self._do(action)
-            while self._queue:
-                self._run(self.session.handle(self._queue.popleft()))
-        except Exception:
-            log.exception("session %d: internal error; closing the session", self.sid)
-            self._teardown("internal_error")
-        finally:
-            self._dispatching = False
+            self._queue.append(ClientData(data))
+        else:
+            self._dispatch(self.session.client_data, data)
 
     def upstream_data(self, name: str, data: bytes) -> None:
         """UpstreamData, without building the event when nothing else is going on."""
         if self._dispatching:
-            self.feed(UpstreamData(name, data))
-            return
-        self._dispatching = True
-        try:
-            for action in self.session.upstream_data(name, data):
-                self._do(action)
-            while self._queue:
-                self._run(self.session.handle(self._queue.popleft()))
-        except Exception:
-            log.exception("session %d: internal error; closing the session", self.sid)
-            self._teardown("internal_error")
-        finally:
-            self._dispatching = False
+            self._queue.append(UpstreamData(name, data))
+        else:
+            self._dispatch(self.session.upstream_data, name, data)
 
     def _write(self, target: str, data: bytes) -> None:
         if target in self._batched:
