@@ -124,3 +124,12 @@ def test_file_store_reports_garbage_and_unwritable_places(tmp_path: Path) -> Non
         FileStateStore(path).load()
     with pytest.raises(StateError, match="cannot write"):
         FileStateStore(tmp_path / "missing-dir" / "s.json").compare_and_set(None, view())
+
+
+def test_reconcile_resets_a_backend_given_a_new_address() -> None:
+    v, notes = view().reconcile("a", ["a", "b", "c"], reset=["c", "a"])
+    assert dict(v.backends) == {"a": IN_SYNC, "b": IN_SYNC, "c": STALE}
+    assert v.epoch == 1
+    assert any("c has a new address" in n for n in notes)
+    same, _ = view().reconcile("a", ["a", "b", "c"])
+    assert same.epoch == 0, "no change, no new epoch"
