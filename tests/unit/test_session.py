@@ -507,7 +507,7 @@ def test_held_input_never_exceeds_replica_buffer(sizes: list[int], limit: int) -
 def test_unknown_event_is_a_bug() -> None:
     h = make((P, "primary"))
 
-    @dataclass(frozen=True)
+    @dataclass
     class Strange(Event):
         pass
 

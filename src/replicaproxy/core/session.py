@@ -275,9 +275,33 @@ class Session:
         """The hot path's shortcut for ``handle(UpstreamData(name, data))``."""
         if self.finished:
             return []
+        p = self._primary
+        if (
+            p.name == name
+            and self._plain
+            and p.out == self._frontier
+            and not self._window
+            and not self._client_closing
+            and not self.client_closed
+        ):
+            # Nobody to compare with, nothing held back: straight to the client.
+            n = len(data)
+            p.out = self._frontier = self.delivered = p.out + n
+            self._window_base = self._frontier
+            return [Write(CLIENT, data)]
         actions: list[Action] = []
         self._on_upstream_data_named(name, data, actions)
         return actions
+
+    @property
+    def _plain(self) -> bool:
+        """Async mode with no mirror still compared: the primary's bytes just pass."""
+        if self._sync:
+            return False
+        for r in self._mirrors:  # noqa: SIM110 - a loop is cheaper than any() per chunk
+            if r.compared:
+                return False
+        return True
 
     def _on_client_data(self, event: ClientData, actions: list[Action]) -> None:
         data = event.data
@@ -462,21 +486,6 @@ class Session:
     def _primary_output(self, data: bytes, actions: list[Action]) -> None:
         p = self._primary
         start = p.out
-        if start == self._frontier and not self._sync and not self._window:
-            compared = False
-            for r in self._mirrors:
-                if r.compared:
-                    compared = True
-                    break
-            if not compared:
-                # Nobody to compare with (no replica, or none still compared).
-                n = len(data)
-                p.out = self._frontier = start + n
-                self._window_base = self._frontier
-                if not self._client_gone():
-                    actions.append(Write(CLIENT, data))
-                self.delivered = self._frontier
-                return
         p.out = start + len(data)
         behind = self._frontier - start
         if behind > 0:
