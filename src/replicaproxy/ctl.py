@@ -1,8 +1,8 @@
 """``replicaproxy ctl``: talk to a running proxy's admin HTTP API.
 
-Plain functions (``fetch_status``, ``post``) do the HTTP with the standard library and raise
-``CtlError`` with a one-line message; the ``ctl`` click group turns that into
-``click.ClickException`` (exit code 1).
+Plain functions (``fetch_status``, ``fetch_events``, ``post``) do the HTTP with the standard
+library and raise ``CtlError`` with a one-line message; the ``ctl`` click group turns that
+into ``click.ClickException`` (exit code 1).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -24,14 +25,25 @@ from rich.text import Text
 
 from replicaproxy.config import ConfigError, parse_address
 
-__all__ = ["DEFAULT_ADMIN", "CtlError", "ctl", "fetch_status", "post", "render_status"]
+__all__ = [
+    "DEFAULT_ADMIN",
+    "CtlError",
+    "ctl",
+    "fetch_events",
+    "fetch_status",
+    "human_bytes",
+    "post",
+    "render_events",
+    "render_status",
+]
 
 #: Where ``ctl`` looks for the admin API unless told otherwise.
 DEFAULT_ADMIN = "127.0.0.1:9901"
 
 #: Width of the status table when stdout is not a terminal (a pipe, a file, a test), wide
-#: enough that a typical table never wraps; on a terminal rich uses the terminal's width.
-PLAIN_WIDTH = 120
+#: enough that a typical table (ten columns, a 35-character address) never wraps; on a
+#: terminal rich uses the terminal's width.
+PLAIN_WIDTH = 160
 
 _HINT = "is `replicaproxy run` started with --admin?"
 
@@ -47,6 +59,20 @@ class CtlError(Exception):
 def fetch_status(admin: str, token: str = "", timeout: float = 5.0) -> dict[str, Any]:
     """``GET /status`` from the admin API at ``admin`` (``HOST:PORT``)."""
     return _request(admin, "GET", "/status", token, timeout)
+
+
+def fetch_events(
+    admin: str, since: int = 0, token: str = "", timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """``GET /events?since=N`` from the admin API: the events after id ``since``, oldest first."""
+    answer = _request(admin, "GET", f"/events?since={since}", token, timeout)
+    events = answer.get("events")
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise CtlError(
+            f"the admin API at {admin} answered GET /events without a list of events "
+            "(is the proxy older than `ctl events`?)"
+        )
+    return events
 
 
 def post(admin: str, path: str, token: str = "", timeout: float = 5.0) -> dict[str, Any]:
@@ -119,17 +145,78 @@ def _timeout_message(where: str, timeout: float) -> str:
     return f"the admin API at {where} did not answer within {timeout:g}s"
 
 
+def human_bytes(count: int | float) -> str:
+    """``count`` bytes in binary units, three significant digits: ``512 B``, ``1.50 KiB``."""
+    value = float(count)
+    index = 0
+    while abs(value) >= 1024 and index < len(_UNITS) - 1:
+        value /= 1024
+        index += 1
+    if index == 0:
+        return f"{int(count)} B"
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{digits}f} {_UNITS[index]}"
+
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def _duration(seconds: float) -> str:
+    """``3725.5`` -> ``1h 2m 5s``: the largest units, at most three of them."""
+    left = int(seconds)
+    days, left = divmod(left, 86400)
+    hours, left = divmod(left, 3600)
+    minutes, secs = divmod(left, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Columns a status may have or lack (a proxy older than them answers without): the key, the
+# header, and how a value is shown.
+_OPTIONAL_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("bytes_to", "bytes to", human_bytes),
+    ("bytes_from", "bytes from", human_bytes),
+    ("lag_bytes", "lag", human_bytes),
+    ("divergences", "divergences", str),
+)
+
+
 def render_status(status: dict[str, Any], console: Console) -> None:
-    """Print ``status`` (as ``GET /status`` returns it) as a header line and a table."""
-    console.print(
-        Text(
-            f"epoch {status.get('epoch', '?')}  primary {status.get('primary', '?')}  "
-            f"mode {status.get('mode', '?')}"
-        )
-    )
+    """Print ``status`` (as ``GET /status`` returns it) as a header line and a table.
+
+    Fields a proxy may not report (uptime, session counts, byte counts, lag, divergences)
+    are shown when present and left out when absent.
+    """
+    header = [
+        f"epoch {status.get('epoch', '?')}",
+        f"primary {status.get('primary', '?')}",
+        f"mode {status.get('mode', '?')}",
+    ]
+    if _is_number(status.get("uptime")):
+        header.append(f"up {_duration(status['uptime'])}")
+    if _is_number(status.get("sessions_active")):
+        total = status.get("sessions_total")
+        of = f", {total} total" if _is_number(total) else ""
+        header.append(f"sessions {status['sessions_active']} open{of}")
+    if status.get("draining") is True:
+        header.append("DRAINING")
+    console.print(Text("  ".join(header)))
+    backends = [b for b in status.get("backends", []) if isinstance(b, dict)]
+    optional = [column for column in _OPTIONAL_COLUMNS if any(column[0] in b for b in backends)]
     table = Table("backend", "address", "role", "state", "health")
     table.add_column("sessions", justify="right")
-    for backend in status.get("backends", []):
+    for _key, title, _show in optional:
+        table.add_column(title, justify="right")
+    for backend in backends:
         styles = []
         if backend.get("state") == "stale":
             styles.append("red")
@@ -138,14 +225,42 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         if backend.get("role") == "primary":
             styles.append("bold")
         # Text, not str: rich would read "[...]" in a name or address as markup.
-        table.add_row(
-            *(
-                Text(str(backend.get(key, "")))
-                for key in ("name", "address", "role", "state", "health", "sessions")
-            ),
-            style=" ".join(styles) or None,
-        )
+        cells = [
+            Text(str(backend.get(key, "")))
+            for key in ("name", "address", "role", "state", "health", "sessions")
+        ]
+        for key, _title, show in optional:
+            value: Any = backend.get(key)
+            cell = Text(show(value) if _is_number(value) else "")
+            if key == "divergences" and _is_number(value) and value > 0:
+                cell.stylize("bold magenta")
+            cells.append(cell)
+        table.add_row(*cells, style=" ".join(styles) or None)
     console.print(table)
+
+
+def render_events(events: list[dict[str, Any]]) -> list[str]:
+    """One aligned line per event: local time, kind, backend, epoch, message."""
+    rows = []
+    for event in events:
+        when = event.get("time")
+        rows.append(
+            (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+                if _is_number(when)
+                else "?",
+                str(event.get("kind", "?")),
+                "-" if event.get("backend") is None else str(event["backend"]),
+                f"epoch {event.get('epoch', '?')}",
+                # One event, one line: a message never breaks the list.
+                " ".join(str(event.get("message", "")).split()),
+            )
+        )
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(4)]
+    return [
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[4]])
+        for row in rows
+    ]
 
 
 @dataclass(frozen=True)
@@ -171,12 +286,13 @@ _pass_target = click.make_pass_decorator(_Target)
     metavar="T",
     default="",
     envvar="REPLICAPROXY_TOKEN",
-    help="Bearer token for promote / mark-synced (env REPLICAPROXY_TOKEN, which other "
-    "users cannot see in the process list).",
+    help="Bearer token for promote / mark-synced / reload / drain (env REPLICAPROXY_TOKEN, "
+    "which other users cannot see in the process list).",
 )
 @click.pass_context
 def ctl(ctx: click.Context, admin: str, token: str) -> None:
-    """Ask a running proxy for its status, or to promote or mark a backend in sync."""
+    """Ask a running proxy for its status and events, to promote or mark a backend in sync,
+    to reload its config, or to drain."""
     ctx.obj = _Target(admin=admin, token=token)
 
 
@@ -192,6 +308,51 @@ def status_command(target: _Target, as_json: bool) -> None:
     # Not a terminal: rich prints no ANSI codes; a fixed width keeps rows from wrapping.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else PLAIN_WIDTH)
     render_status(status, console)
+
+
+@ctl.command("events")
+@click.option(
+    "--since",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Only events with an id above N (the proxy keeps the last 200).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON events.")
+@_pass_target
+def events_command(target: _Target, since: int, as_json: bool) -> None:
+    """List recent events (failovers, stale, health, reloads ...), oldest first."""
+    events = _call(lambda: {"events": fetch_events(target.admin, since, target.token)})["events"]
+    if as_json:
+        click.echo(json.dumps(events, indent=2))
+        return
+    if not events:
+        click.echo("no events" + (f" after id {since}" if since else ""))
+        return
+    for line in render_events(events):
+        click.echo(line)
+
+
+@ctl.command("reload")
+@_pass_target
+def reload_command(target: _Target) -> None:
+    """Re-read the proxy's config file (as SIGHUP does); a rejected config changes nothing."""
+    answer = _call(lambda: post(target.admin, "/reload", target.token))
+    changes = answer.get("changes")
+    listed = [str(c) for c in changes] if isinstance(changes, list) else []
+    click.echo("reloaded: " + ("; ".join(listed) if listed else "nothing changed"))
+
+
+@ctl.command("drain")
+@_pass_target
+def drain_command(target: _Target) -> None:
+    """Stop accepting sessions; the proxy exits once the open ones have ended."""
+    answer = _call(lambda: post(target.admin, "/drain", target.token))
+    click.echo(
+        f"draining: {answer.get('sessions', '?')} sessions open; "
+        "the proxy exits when they have ended"
+    )
 
 
 @ctl.command("promote")

@@ -96,7 +96,6 @@ class Backend:
     """A backend as the server sees it across sessions (its sync state is in the view)."""
 
     config: BackendConfig
-    sessions: int = 0
     divergences: int = field(default=0)
     bytes_to: int = 0  # handed to its sockets, over all sessions
     bytes_from: int = 0  # read from its sockets
@@ -475,8 +474,6 @@ class Server:
         self.metrics.sessions.inc()
         self.metrics.sessions_active.inc()
         self.sessions_total += 1
-        for m in members:
-            self.backends[m.name].sessions += 1
         driver.start()
         return driver
 
@@ -497,7 +494,7 @@ class Server:
             return
         self._change(
             self.view.mark_stale(name),
-            f"replica {name} is now stale: {reason} (session {sid})",
+            f"replica {name} is now stale: {reason}" + (f" (session {sid})" if sid else ""),
             kind="stale",
             backend=name,
             even_if_unsaved=True,
@@ -577,6 +574,11 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         view = self.view
+        in_session: dict[str, int] = {}
+        for driver in self.sessions:
+            for name in driver.session.members:
+                if driver.session.in_session(name):
+                    in_session[name] = in_session.get(name, 0) + 1
         return {
             "epoch": view.epoch,
             "primary": view.primary,
@@ -597,7 +599,7 @@ class Server:
                     if b.config.role == "shadow" or view.in_sync(b.name)
                     else "stale",
                     "health": self.health.health(b.name),
-                    "sessions": b.sessions,
+                    "sessions": in_session.get(b.name, 0),
                     "divergences": b.divergences,
                     "bytes_to": b.bytes_to,
                     "bytes_from": b.bytes_from,
@@ -775,8 +777,6 @@ class Server:
         self._account(driver)
         self._reported.pop(driver, None)
         s = driver.session
-        for name in s.members:
-            self._backend(name).sessions -= 1
         duration = time.monotonic() - driver.started
         self.metrics.session_duration.observe(duration)
         if s.takeovers and outcome == "ok":

@@ -101,7 +101,8 @@ def test_a_bad_reload_is_rejected_and_the_old_config_kept(tmp_path: Path) -> Non
             assert "health.fal: unknown key" in err.value.read().decode()
             px.proc.wait_for(r"reload rejected, the running config is kept")
             # Removing the current primary is refused too.
-            Path(config).write_text(good.replace('role = "primary"', 'role = "shadow"'))
+            swapped = good.replace('role = "primary"', 'role = "shadow"')
+            Path(config).write_text(swapped.replace('role = "replica"', 'role = "primary"'))
             px.proc.signal(signal.SIGHUP)
             px.proc.wait_for(r"the current primary 'p' must stay")
             status = px.status()

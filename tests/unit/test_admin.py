@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from fake_control import METRIC, FakeControl
 from replicaproxy.admin import AdminServer, make_app
-from replicaproxy.admin.app import MAX_BODY
+from replicaproxy.admin.app import MAX_BODY, index_html
 from replicaproxy.config import Address
 from replicaproxy.control import Control
 
@@ -43,6 +44,32 @@ async def json_of(response: aiohttp.ClientResponse) -> Any:
 # --------------------------------------------------------------------------- reading
 
 
+#: The keys Control.status() documents, at the top and for each backend.
+STATUS_KEYS = {
+    "epoch",
+    "primary",
+    "mode",
+    "clean",
+    "uptime",
+    "sessions_active",
+    "sessions_total",
+    "client_bytes",
+    "backends",
+}
+BACKEND_KEYS = {
+    "name",
+    "address",
+    "role",
+    "state",
+    "health",
+    "sessions",
+    "divergences",
+    "bytes_to",
+    "bytes_from",
+    "lag_bytes",
+}
+
+
 async def test_status_is_the_controls_status_with_the_documented_keys() -> None:
     fake = FakeControl()
     async with serve(fake) as client:
@@ -50,10 +77,20 @@ async def test_status_is_the_controls_status_with_the_documented_keys() -> None:
         assert response.status == 200
         body = await json_of(response)
     assert body == fake.status()
-    assert set(body) == {"epoch", "primary", "mode", "backends"}
+    assert set(body) == STATUS_KEYS
+    assert set(body["client_bytes"]) == {"from_client", "to_client"}
     assert [b["name"] for b in body["backends"]] == ["mv1", "mv2", "mv3", "canary"]
     for backend in body["backends"]:
-        assert set(backend) == {"name", "address", "role", "state", "health", "sessions"}
+        assert set(backend) == BACKEND_KEYS
+
+
+async def test_status_passes_on_whatever_the_control_answers() -> None:
+    fake = FakeControl()
+    fake.legacy_status = True
+    async with serve(fake) as client:
+        body = await json_of(await client.get("/status"))
+    assert set(body) == {"epoch", "primary", "mode", "backends"}
+    assert body == fake.status()
 
 
 async def test_metrics_is_prometheus_text_from_the_registry() -> None:
@@ -65,14 +102,132 @@ async def test_metrics_is_prometheus_text_from_the_registry() -> None:
     assert f"{METRIC} 3.0" in text.splitlines()
 
 
-async def test_index_links_to_status_and_metrics() -> None:
+async def test_index_is_the_status_page_with_strict_headers() -> None:
     async with serve(FakeControl()) as client:
         response = await client.get("/")
         assert response.status == 200
-        assert response.content_type == "text/html"
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        csp = _directives(response.headers["Content-Security-Policy"])
         html = await response.text()
+    assert html == index_html()
+    assert csp["default-src"] == ["'none'"]
+    assert csp["script-src"] == ["'unsafe-inline'"]
+    assert csp["style-src"] == ["'unsafe-inline'"]
+    assert csp["connect-src"] == ["'self'"]
+    assert csp["frame-ancestors"] == ["'none'"]
+    assert "<title>replicaproxy status</title>" in html
     assert 'href="/status"' in html
     assert 'href="/metrics"' in html
+
+
+def _directives(policy: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy header as ``{directive: [sources]}``."""
+    parsed: dict[str, list[str]] = {}
+    for part in policy.split(";"):
+        words = part.split()
+        if words:
+            assert words[0] not in parsed, f"{words[0]} given twice"
+            parsed[words[0]] = words[1:]
+    return parsed
+
+
+def test_the_status_page_is_self_contained_and_never_parses_data_as_html() -> None:
+    html = index_html()
+    # Nothing from elsewhere: no URL with a scheme or a host, no external script/style/font.
+    assert re.findall(r"(?:https?:)?//[\w.-]+\.\w", html) == []
+    assert re.findall(r"<(?:script|link|img|iframe)\b[^>]*\bsrc=", html) == []
+    assert "@import" not in html
+    assert "@font-face" not in html
+    # Server-provided text goes through textContent only.
+    [script] = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    assert "textContent" in script
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script
+    # What the browser test and an operator's scripts rely on.
+    for anchor in (
+        'id="epoch"',
+        'id="primary"',
+        'id="backends"',
+        'id="events"',
+        'id="sessions-chart"',
+        'id="throughput-chart"',
+        'id="disconnected"',
+        "fetch(",
+        "/events?since=",
+    ):
+        assert anchor in html
+
+
+async def test_head_of_the_page_has_its_headers_and_no_body() -> None:
+    async with serve(FakeControl()) as client:
+        response = await client.head("/")
+        assert response.status == 200
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert await response.read() == b""
+
+
+# --------------------------------------------------------------------------- events
+
+
+async def test_events_are_all_kept_events_oldest_first() -> None:
+    fake = FakeControl()
+    async with serve(fake) as client:
+        response = await client.get("/events")
+        assert response.status == 200
+        body = await json_of(response)
+    assert body == {"events": fake.events(0)}
+    assert [e["id"] for e in body["events"]] == [1, 2]
+    assert set(body["events"][0]) == {"id", "time", "kind", "backend", "epoch", "message"}
+    assert body["events"][0]["kind"] == "health"
+
+
+@pytest.mark.parametrize(("since", "ids"), [("0", [1, 2, 3]), ("1", [2, 3]), ("3", []), ("99", [])])
+async def test_events_since_an_id(since: str, ids: list[int]) -> None:
+    fake = FakeControl()
+    fake.add_event("divergence", "canary", "session 7: differs at byte 12")
+    async with serve(fake) as client:
+        response = await client.get("/events", params={"since": since})
+        assert response.status == 200
+        body = await json_of(response)
+    assert [e["id"] for e in body["events"]] == ids
+
+
+async def test_a_change_shows_up_as_an_event() -> None:
+    fake = FakeControl()
+    async with serve(fake) as client:
+        assert (await client.post("/backends/mv2/promote")).status == 200
+        body = await json_of(await client.get("/events?since=2"))
+    [event] = body["events"]
+    assert (event["kind"], event["backend"], event["epoch"]) == ("failover", "mv2", 2)
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("since=abc", "since: expected a non-negative integer (an event id), got 'abc'"),
+        ("since=-1", "since: expected a non-negative integer (an event id), got '-1'"),
+        ("since=1.5", "since: expected a non-negative integer (an event id), got '1.5'"),
+        ("since=", "since: expected a non-negative integer (an event id), got ''"),
+        ("since=%C2%B2", "since: expected a non-negative integer (an event id), got '²'"),
+        (
+            f"since={'9' * 21}",
+            f"since: expected a non-negative integer (an event id), got '{'9' * 21}'",
+        ),
+        ("since=1&since=2", "since: given 2 times, expected once"),
+    ],
+)
+async def test_a_bad_since_is_400_json(query: str, error: str) -> None:
+    async with serve(FakeControl()) as client:
+        response = await client.get(f"/events?{query}")
+        assert response.status == 400
+        assert await json_of(response) == {"error": error}
+
+
+async def test_events_need_no_token() -> None:
+    async with serve(FakeControl(), token=TOKEN) as client:
+        assert (await client.get("/events?since=1")).status == 200
 
 
 # --------------------------------------------------------------------------- acting
@@ -97,6 +252,51 @@ async def test_mark_synced_marks_the_replica_in_sync() -> None:
     assert body["epoch"] == 2
     assert {b["name"]: b["state"] for b in body["backends"]}["mv3"] == "in_sync"
     assert fake.backends[2].state == "in_sync"
+
+
+async def test_reload_answers_the_changes() -> None:
+    fake = FakeControl()
+    async with serve(fake) as client:
+        response = await client.post("/reload")
+        assert response.status == 200
+        body = await json_of(response)
+    assert body == {"ok": True, "changes": ["added shadow canary2 (127.0.0.1:7005)"]}
+    assert fake.reload_with.calls == 1
+    assert fake.event_log[-1]["kind"] == "reload"
+
+
+async def test_a_rejected_reload_is_400_with_the_configs_errors() -> None:
+    fake = FakeControl()
+    fake.reload_with.error = "backend[1].address: expected 'HOST:PORT', got 'nope'"
+    async with serve(fake) as client:
+        response = await client.post("/reload")
+        assert response.status == 400
+        body = await json_of(response)
+    assert body == {
+        "error": "reload rejected, the running config is kept: "
+        "backend[1].address: expected 'HOST:PORT', got 'nope'"
+    }
+    assert fake.reload_with.calls == 1
+
+
+async def test_a_reload_without_a_config_file_is_409() -> None:
+    fake = FakeControl()
+    fake.reload_with.no_file = True
+    async with serve(fake) as client:
+        response = await client.post("/reload")
+        assert response.status == 409
+        assert "without --config" in (await json_of(response))["error"]
+
+
+async def test_drain_answers_the_open_sessions_and_may_be_repeated() -> None:
+    fake = FakeControl()
+    async with serve(fake) as client:
+        for _ in range(2):
+            response = await client.post("/drain")
+            assert response.status == 200
+            assert await json_of(response) == {"draining": True, "sessions": 2}
+    assert fake.draining
+    assert [e["kind"] for e in fake.event_log].count("drain") == 1
 
 
 async def test_a_small_post_body_is_ignored() -> None:
@@ -164,6 +364,9 @@ async def test_a_failed_store_is_503() -> None:
         ("DELETE", "/metrics", "GET,HEAD"),
         ("GET", "/backends/mv2/promote", "POST"),
         ("PUT", "/backends/mv3/mark-synced", "POST"),
+        ("GET", "/reload", "POST"),
+        ("GET", "/drain", "POST"),
+        ("POST", "/events", "GET,HEAD"),
     ],
 )
 async def test_a_wrong_method_is_405_json_with_allow(method: str, path: str, allow: str) -> None:
@@ -250,6 +453,30 @@ async def test_a_post_needs_the_token(headers: dict[str, str], status: int) -> N
         assert fake.snapshot() == before
 
 
+@pytest.mark.parametrize("path", ["/reload", "/drain"])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer wrong"}, 403),
+        ({"Authorization": f"Bearer {TOKEN}"}, 200),
+    ],
+)
+async def test_reload_and_drain_need_the_token(
+    path: str, headers: dict[str, str], status: int
+) -> None:
+    fake = FakeControl()
+    before = fake.snapshot()
+    async with serve(fake, token=TOKEN) as client:
+        response = await client.post(path, headers=headers)
+        assert response.status == status
+        await json_of(response)
+    if status == 200:
+        assert fake.snapshot() != before
+    else:
+        assert fake.snapshot() == before
+
+
 async def test_a_get_needs_no_token() -> None:
     async with serve(FakeControl(), token=TOKEN) as client:
         assert (await client.get("/status")).status == 200
@@ -278,12 +505,13 @@ async def test_without_a_token_a_post_needs_none() -> None:
         {"Sec-Fetch-Site": "cross-site"},
     ],
 )
-async def test_a_cross_site_post_is_refused(headers: dict[str, str]) -> None:
+@pytest.mark.parametrize("path", ["/backends/mv2/promote", "/reload", "/drain"])
+async def test_a_cross_site_post_is_refused(headers: dict[str, str], path: str) -> None:
     fake = FakeControl()
     before = fake.snapshot()
     async with serve(fake) as client:
         sent = {key: value.format(port=client.port) for key, value in headers.items()}
-        response = await client.post("/backends/mv2/promote", headers=sent)
+        response = await client.post(path, headers=sent)
         assert response.status == 403
         assert "refused" in (await json_of(response))["error"]
     assert fake.snapshot() == before

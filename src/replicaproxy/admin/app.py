@@ -2,11 +2,14 @@
 
 Routes::
 
-    GET  /                           a small HTML page (the status page comes later)
+    GET  /                           the status page (static/status.html, self-contained)
     GET  /status                     Control.status() as JSON
+    GET  /events?since=N             {"events": Control.events(N)} (N defaults to 0)
     GET  /metrics                    Prometheus text from Control.registry
     POST /backends/{name}/promote    Control.promote(name), answered as JSON
     POST /backends/{name}/mark-synced  Control.mark_synced(name), answered as JSON
+    POST /reload                     Control.reload(), answered as JSON
+    POST /drain                      Control.drain(), answered as JSON
 
 Every error is JSON ``{"error": "message"}`` with a 4xx/5xx code: a ``ControlError`` keeps
 its code and message, aiohttp's own errors (404, 405 with ``Allow``, 413) keep theirs, and a
@@ -20,7 +23,9 @@ The API only talks to the proxy through ``Control`` (DESIGN.md "Layout").
 
 from __future__ import annotations
 
+import functools
 import hmac
+import importlib.resources
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from replicaproxy.config import Address
 from replicaproxy.control import Control, ControlError
 
-__all__ = ["MAX_BODY", "AdminServer", "index_html", "make_app"]
+__all__ = ["MAX_BODY", "PAGE_HEADERS", "AdminServer", "index_html", "make_app"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,8 @@ MAX_BODY = 64 * 1024
 #: microseconds, so anything still running after this is stuck, not slow.
 SHUTDOWN_TIMEOUT = 5.0
 
+#: Longest ``since`` accepted, in digits: a 64-bit event counter never needs more.
+_SINCE_DIGITS = 20
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Headers of an aiohttp HTTPException that describe its text body, which the JSON replaces.
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
@@ -53,21 +60,28 @@ _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+#: Headers of the status page. The page is one self-contained file: its script and style are
+#: inline, it fetches only this API, it shows no images but data: URLs. Anything else (a
+#: script injected through a backend's name, a frame around the page to click-jack the
+#: operator) is refused by the browser.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+@functools.cache
 def index_html() -> str:
-    """The page served at ``GET /``: for now a pointer to the JSON and metrics endpoints."""
-    return (
-        "<!doctype html>\n"
-        '<html lang="en">\n'
-        '<head><meta charset="utf-8"><title>replicaproxy admin</title></head>\n'
-        "<body>\n"
-        "<h1>replicaproxy</h1>\n"
-        "<ul>\n"
-        '<li><a href="/status">/status</a> (JSON: the view and the backends)</li>\n'
-        '<li><a href="/metrics">/metrics</a> (Prometheus)</li>\n'
-        "</ul>\n"
-        "</body>\n"
-        "</html>\n"
-    )
+    """The status page served at ``GET /`` (``static/status.html`` from the package)."""
+    page = importlib.resources.files("replicaproxy.admin").joinpath("static", "status.html")
+    return page.read_text(encoding="utf-8")
 
 
 def make_app(control: Control, *, token: str = "") -> web.Application:
@@ -79,9 +93,12 @@ def make_app(control: Control, *, token: str = "") -> web.Application:
     app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_BODY)
     app.router.add_get("/", api.index)
     app.router.add_get("/status", api.status)
+    app.router.add_get("/events", api.events)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_post("/backends/{name}/promote", api.promote)
     app.router.add_post("/backends/{name}/mark-synced", api.mark_synced)
+    app.router.add_post("/reload", api.reload)
+    app.router.add_post("/drain", api.drain)
     return app
 
 
@@ -138,11 +155,18 @@ class _Api:
 
     async def index(self, request: web.Request) -> web.Response:
         """``GET /``."""
-        return web.Response(text=index_html(), content_type="text/html", charset="utf-8")
+        return web.Response(
+            text=index_html(), content_type="text/html", charset="utf-8", headers=PAGE_HEADERS
+        )
 
     async def status(self, request: web.Request) -> web.Response:
         """``GET /status``."""
         return web.json_response(self._control.status())
+
+    async def events(self, request: web.Request) -> web.Response:
+        """``GET /events?since=N``: the events after id ``N`` (all kept ones without it)."""
+        since = _since(request.query.getall("since", []))
+        return web.json_response({"events": self._control.events(since)})
 
     async def metrics(self, request: web.Request) -> web.Response:
         """``GET /metrics``."""
@@ -157,14 +181,45 @@ class _Api:
         """``POST /backends/{name}/mark-synced``."""
         return await self._act(request, self._control.mark_synced)
 
+    async def reload(self, request: web.Request) -> web.Response:
+        """``POST /reload``."""
+        await _check_mutation(request, self._token)
+        return web.json_response(self._control.reload())
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """``POST /drain``."""
+        await _check_mutation(request, self._token)
+        return web.json_response(self._control.drain())
+
     async def _act(
         self, request: web.Request, action: Callable[[str], dict[str, Any]]
     ) -> web.Response:
-        _check_same_origin(request)
-        _check_token(request, self._token)
-        # The body means nothing, but reading it is what enforces client_max_size (413).
-        await request.read()
+        await _check_mutation(request, self._token)
         return web.json_response(action(request.match_info["name"]))
+
+
+def _since(values: list[str]) -> int:
+    """The ``since`` query parameter: one non-negative integer, 0 when absent."""
+    if not values:
+        return 0
+    if len(values) > 1:
+        raise web.HTTPBadRequest(text=f"since: given {len(values)} times, expected once")
+    text = values[0].strip()
+    # isdigit() alone would let "²" or "٣" through; the length bound keeps int() cheap (an id
+    # never has more digits than a 64-bit counter's 20).
+    if not (text.isascii() and text.isdigit() and len(text) <= _SINCE_DIGITS):
+        raise web.HTTPBadRequest(
+            text=f"since: expected a non-negative integer (an event id), got {values[0]!r}"
+        )
+    return int(text)
+
+
+async def _check_mutation(request: web.Request, token: bytes) -> None:
+    """The checks every POST passes before it may change anything: CSRF, token, body size."""
+    _check_same_origin(request)
+    _check_token(request, token)
+    # The body means nothing, but reading it is what enforces client_max_size (413).
+    await request.read()
 
 
 def _check_same_origin(request: web.Request) -> None:

@@ -524,7 +524,7 @@ class Session:
                     r.read_paused = False
                     actions.append(ResumeReading(r.name))
             if r.out < self._frontier and r.eof_received:
-                self._diverged(r, self._ended_early(r), actions)
+                self._ended_early(r, actions)
         if self._sync:
             self._advance_sync(actions)
         else:
@@ -590,10 +590,18 @@ class Session:
         self._diverged(r, detail, actions)
         return False
 
-    def _ended_early(self, r: _Upstream) -> str:
-        return (
-            f"output ended early: {r.name} closed at offset {r.out}, "
-            f"the primary has sent {self._frontier} bytes"
+    def _ended_early(self, r: _Upstream, actions: list[Action]) -> None:
+        """``r`` closed before producing what the primary did: dead, or answering less.
+
+        Either way it cannot vouch for the primary any more, and it may not have
+        read its input: it leaves the session, and a replica becomes stale.
+        """
+        r.matched = False
+        self._drop(
+            r,
+            f"closed its output at offset {r.out}, before the primary's "
+            f"{self._frontier} bytes (it crashed, or answers differently)",
+            actions,
         )
 
     def _diverged(self, r: _Upstream, detail: str, actions: list[Action]) -> None:
@@ -820,7 +828,7 @@ class Session:
             self._close(u, actions)
             return
         if u.compared and u.out < self._frontier:
-            self._diverged(u, self._ended_early(u), actions)
+            self._ended_early(u, actions)
         else:
             self._check_eof(actions)
 
