@@ -572,3 +572,23 @@ async def test_admin_server_logs_where_it_listens(caplog: pytest.LogCaptureFixtu
         assert f"admin API on http://{address}" in caplog.messages
     finally:
         await server.stop()
+
+
+async def test_loopback_listener_refuses_a_rebound_dns_name() -> None:
+    """DNS rebinding: evil.example resolving to 127.0.0.1 must not reach the API."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from replicaproxy.admin.app import make_app
+
+    control = FakeControl()
+    before = control.status()
+    app = make_app(control, loopback=True)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        evil = {"Host": "evil.example:9901", "Origin": "http://evil.example:9901"}
+        response = await client.post("/backends/b/promote", headers=evil)
+        assert response.status == 403
+        assert "DNS rebinding" in (await response.json())["error"]
+        assert (await client.get("/status", headers={"Host": "evil.example"})).status == 403
+        assert control.status() == before
+        for host in ("127.0.0.1:9901", "localhost:9901", "[::1]:9901"):
+            assert (await client.get("/status", headers={"Host": host})).status == 200

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hmac
 import importlib.resources
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from replicaproxy.config import Address
+from replicaproxy.config import Address, is_loopback
 from replicaproxy.control import Control, ControlError
 
 __all__ = ["MAX_BODY", "PAGE_HEADERS", "AdminServer", "index_html", "make_app"]
@@ -84,13 +85,17 @@ def index_html() -> str:
     return page.read_text(encoding="utf-8")
 
 
-def make_app(control: Control, *, token: str = "") -> web.Application:
+def make_app(control: Control, *, token: str = "", loopback: bool = False) -> web.Application:
     """The admin API as an aiohttp application serving ``control``.
 
     With a non-empty ``token`` every POST needs ``Authorization: Bearer <token>``.
+    With ``loopback`` (the listener is on 127.0.0.0/8 or ::1), a request must name
+    the host by address or as ``localhost``: a page whose DNS name was made to
+    resolve to 127.0.0.1 (DNS rebinding) is refused.
     """
     api = _Api(control, token)
-    app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_BODY)
+    middlewares = [_errors_as_json, *([_loopback_host_only] if loopback else [])]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app.router.add_get("/", api.index)
     app.router.add_get("/status", api.status)
     app.router.add_get("/events", api.events)
@@ -106,7 +111,7 @@ class AdminServer:
     """The admin API on a TCP listener, with a start/stop lifecycle."""
 
     def __init__(self, control: Control, listen: Address, *, token: str = "") -> None:
-        self._app = make_app(control, token=token)
+        self._app = make_app(control, token=token, loopback=is_loopback(listen.host))
         self._listen = listen
         self._runner: web.AppRunner | None = None
         #: The bound address once started (the real port when ``listen`` asked for port 0).
@@ -220,6 +225,23 @@ async def _check_mutation(request: web.Request, token: bytes) -> None:
     _check_token(request, token)
     # The body means nothing, but reading it is what enforces client_max_size (413).
     await request.read()
+
+
+@web.middleware
+async def _loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On a loopback listener, accept only Host headers that are addresses or localhost."""
+    host = request.headers.get("Host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]")
+    if name.lower() != "localhost":
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            raise web.HTTPForbidden(
+                text=f"Host {host!r} refused: on loopback the admin API answers only to an "
+                "IP address or localhost (a guard against DNS rebinding)"
+            ) from None
+    return await handler(request)
 
 
 def _check_same_origin(request: web.Request) -> None:
