@@ -370,3 +370,111 @@ def refused(port: int, timeout: float = 5.0) -> bool:
             return recv_all(s, timeout=timeout) == b""
     except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
         return True
+
+
+# --------------------------------------------------- fault injection helpers (tests/faults)
+
+
+def metric(admin: str, sample: str) -> float:
+    """One sample of ``GET /metrics``, named as printed (``name{label="v"}``); 0.0 if absent."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=WAIT) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0 < q <= 1) of ``values``."""
+    import math
+
+    assert values, "no values"
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def assert_no_crash(proc: Proc) -> None:
+    """The proxy logged no traceback and no bug caught at its dispatch boundary."""
+    bad = [line for line in proc.lines if "Traceback" in line or "internal error" in line]
+    assert not bad, "\n".join(bad[:20])
+
+
+def _sh(*args: str) -> None:
+    out = subprocess.run(args, capture_output=True, text=True, timeout=WAIT)
+    if out.returncode != 0:
+        raise OSError(f"{' '.join(args)}: {out.stderr.strip() or out.returncode}")
+
+
+class NetNs:
+    """A network namespace joined to the root one by a veth pair on a /30 of 10.200.0.0/16.
+
+    ``host_ip`` is the root side (``host_dev``), ``ns_ip`` the namespace side (``ns_dev``).
+    The addresses exist only on this pair, on this machine.
+    """
+
+    def __init__(self, name: str, host_dev: str, ns_dev: str, subnet: int) -> None:
+        self.name = name
+        self.host_dev = host_dev
+        self.ns_dev = ns_dev
+        self.host_ip = f"10.200.{subnet}.1"
+        self.ns_ip = f"10.200.{subnet}.2"
+
+    def exec(self, *args: str) -> list[str]:
+        """A command line that runs ``args`` inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, *args: str) -> None:
+        """Run ``args`` inside the namespace; OSError if it fails."""
+        _sh(*self.exec(*args))
+
+    def link(self, up: bool) -> None:
+        """Partition (False) or heal (True): the namespace side of the pair down or up."""
+        self.run("ip", "link", "set", self.ns_dev, "up" if up else "down")
+
+
+_netns_ids = iter(range(1 << 30))
+
+
+@contextlib.contextmanager
+def netns(tag: str) -> Iterator[NetNs]:
+    """A fresh namespace and veth pair, deleted afterwards; skipped (failed in CI) if impossible."""
+    require_binary("ip")
+    n = next(_netns_ids)
+    name = f"rp-{tag}-{os.getpid()}-{n}"
+    dev = f"rp{os.getpid() % 100000}x{n}"
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    subnets = [s for s in range(256) if f"10.200.{s}." not in used]
+    subnet = subnets[(os.getpid() + n) % len(subnets)]
+    ns = NetNs(name, f"{dev}a", f"{dev}b", subnet)
+    try:
+        _sh("ip", "netns", "add", name)
+    except OSError as exc:
+        reason = f"cannot create a network namespace (needs root): {exc}"
+        if os.environ.get("REPLICAPROXY_REQUIRE_ALL"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        _sh("ip", "link", "add", ns.host_dev, "type", "veth", "peer", "name", ns.ns_dev)
+        _sh("ip", "link", "set", ns.ns_dev, "netns", name)
+        _sh("ip", "addr", "add", f"{ns.host_ip}/30", "dev", ns.host_dev)
+        _sh("ip", "link", "set", ns.host_dev, "up")
+        ns.run("ip", "addr", "add", f"{ns.ns_ip}/30", "dev", ns.ns_dev)
+        ns.run("ip", "link", "set", ns.ns_dev, "up")
+        ns.run("ip", "link", "set", "lo", "up")
+        yield ns
+    finally:
+        # Deleting the namespace deletes its end of the pair, and so the pair.
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=WAIT)
+        subprocess.run(["ip", "link", "del", ns.host_dev], capture_output=True, timeout=WAIT)
+
+
+def log_time(line: str) -> float:
+    """The wall-clock time (``time.time()`` scale) of a proxy log line in the text format."""
+    import datetime
+
+    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
