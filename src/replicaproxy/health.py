@@ -14,12 +14,15 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 from replicaproxy.config import Address, HealthConfig
+from replicaproxy.io.driver import LOCAL_ERRNOS
 from replicaproxy.logutil import describe_error
 
 log = logging.getLogger(__name__)
 
 Health = Literal["up", "down", "unknown"]
 
+#: What probe() answers when this machine, not the backend, made the check fail.
+LOCAL_FAILURE = "local failure"
 #: Most bytes read while looking for ``expect`` in a probe's answer.
 EXPECT_READ_LIMIT = 64 * 1024
 
@@ -72,6 +75,11 @@ async def probe(address: Address, config: HealthConfig) -> str | None:
     except TimeoutError:
         return f"no answer within {config.timeout} s"
     except OSError as exc:
+        if exc.errno in LOCAL_ERRNOS:
+            # This proxy is out of descriptors or memory: that says nothing about
+            # the backend, so the check counts neither way.
+            log.warning("health: cannot check %s: %s (local)", address, describe_error(exc))
+            return LOCAL_FAILURE
         return describe_error(exc)
     finally:
         if writer is not None:
@@ -126,6 +134,9 @@ class HealthChecker:
         while True:
             started = loop.time()
             error = await probe(address, self.config)
+            if error == LOCAL_FAILURE:
+                await asyncio.sleep(self.config.interval)
+                continue
             if error is not None:
                 self.last_error[name] = error
             changed = state.record(error is None)

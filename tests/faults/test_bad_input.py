@@ -516,16 +516,6 @@ def test_clients_that_reset_at_every_stage_harm_no_one(tmp_path: Path) -> None:
             assert_no_crash(px.proc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: a client that sends bytes and resets before the session's upstream "
-    "connects complete leaves its session open forever: the Abort cancels the connect task "
-    "after uvloop already called connection_made (SessionDriver.attach), so "
-    "_connect_done feeds no UpstreamClosed (the name is in _transports) and no "
-    "connection_lost follows; the upstreams stay CLOSING, idle_timeout cannot end a session "
-    "that is already ending, sessions_active never drops, and each such client permanently "
-    "uses up one of max_connections (10 of them lock out every later client)",
-)
 def test_clients_that_reset_before_the_upstreams_connect_leak_no_session(
     tmp_path: Path,
 ) -> None:

@@ -211,14 +211,6 @@ def test_descriptor_limit_excess_sessions_are_refused_cleanly(tmp_path: Path) ->
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: health.probe() counts EMFILE/ENFILE (this proxy out of descriptors) as a "
-    "failed check of the backend: with descriptors exhausted for fall x interval the health "
-    "checker logs 'health: r1 is down: Too many open files' for the primary and marks the "
-    "in-sync replica stale (epoch bumped; a failover if a replica's check still passed), "
-    "though LOCAL_ERRNOS in io/driver.py says a local shortage must never blame a backend",
-)
 def test_descriptor_exhaustion_blames_no_backend_even_with_health_checks(
     tmp_path: Path,
 ) -> None:

@@ -366,9 +366,13 @@ class SessionDriver:
 
     def _connect_done(self, name: str, task: asyncio.Task[None]) -> None:
         self._connecting.pop(name, None)
-        # Cancelled by an Abort (possibly before it even started): without a
-        # transport there will be no connection_lost, so say it is closed here.
-        if task.cancelled() and name not in self._transports:
+        # Cancelled by an Abort (possibly before it even started, or after the
+        # transport appeared but before the connect finished): connection_lost may
+        # never come, so say it is closed here. A later one is ignored by the session.
+        if task.cancelled():
+            t = self._transports.get(name)
+            if t is not None:
+                t.abort()
             self.feed(UpstreamClosed(name, None))
 
     def _finish(self, outcome: str) -> None:
