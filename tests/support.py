@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,9 +291,16 @@ def recv_all(s: socket.socket, timeout: float = WAIT) -> bytes:
 
 
 def config_text(
-    tmp_path: Path, backends: list[tuple[str, int, str]], *, extra: str = "", health: str = ""
+    tmp_path: Path,
+    backends: Sequence[tuple[str, int | str, str]],
+    *,
+    extra: str = "",
+    health: str = "",
 ) -> str:
-    """A config with the admin API on a free port and a state file in ``tmp_path``."""
+    """A config with the admin API on a free port and a state file in ``tmp_path``.
+
+    A backend's address is a port on 127.0.0.1, or a full ``HOST:PORT``.
+    """
     lines = [
         "[proxy]",
         'listen = "127.0.0.1:0"',
@@ -304,11 +311,12 @@ def config_text(
         "[health]",
         health or "interval = 0.2\ntimeout = 0.5\nfall = 2\nrise = 2",
     ]
-    for name, port, role in backends:
+    for name, where, role in backends:
+        address = f"{HOST}:{where}" if isinstance(where, int) else where
         lines += [
             "[[backend]]",
             f'name = "{name}"',
-            f'address = "{HOST}:{port}"',
+            f'address = "{address}"',
             f'role = "{role}"',
         ]
     path = tmp_path / "replicaproxy.toml"

@@ -20,6 +20,7 @@ from support import (
     NetNs,
     Proc,
     assert_no_crash,
+    config_text,
     connect,
     log_time,
     netns,
@@ -54,27 +55,6 @@ def ns_redis(ns: NetNs, tmp: Path) -> Iterator[Proc]:
         yield p
 
 
-def write_config(
-    tmp_path: Path, backends: list[tuple[str, str, str]], *, extra: str = "", health: str
-) -> str:
-    """A config like support.config_text, with backends given as (name, HOST:PORT, role)."""
-    lines = [
-        "[proxy]",
-        'listen = "127.0.0.1:0"',
-        f'state_file = "{tmp_path / "state.json"}"',
-        extra,
-        "[admin]",
-        'listen = "127.0.0.1:0"',
-        "[health]",
-        health,
-    ]
-    for name, address, role in backends:
-        lines += ["[[backend]]", f'name = "{name}"', f'address = "{address}"', f'role = "{role}"']
-    path = tmp_path / "replicaproxy.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def sequential_sets(
     port: int,
     count: int,
@@ -107,7 +87,7 @@ def test_replica_partitioned_mid_session_ends_stale_and_the_client_is_unaffected
         ns_redis(ns, tmp_path / "r2"),
         redis(tmp_path / "r1", "r1") as (_, p1),
     ):
-        config = write_config(
+        config = config_text(
             tmp_path,
             [("r1", f"{HOST}:{p1}", "primary"), ("r2", f"{ns.ns_ip}:{NS_PORT}", "replica")],
             health=HEALTH,
@@ -151,7 +131,7 @@ def test_primary_partitioned_is_marked_down_and_a_replica_answers_the_pending_re
         ns_redis(ns, tmp_path / "r1"),
         redis(tmp_path / "r2", "r2") as (_, p2),
     ):
-        config = write_config(
+        config = config_text(
             tmp_path,
             [("r1", f"{ns.ns_ip}:{NS_PORT}", "primary"), ("r2", f"{HOST}:{p2}", "replica")],
             health=HEALTH,
@@ -207,7 +187,7 @@ def test_slow_replica_overflows_its_buffer_and_is_dropped(tmp_path: Path) -> Non
         subprocess.run(
             [tc, "qdisc", "add", "dev", ns.host_dev, "root", *tbf], check=True, timeout=WAIT
         )
-        config = write_config(
+        config = config_text(
             tmp_path,
             [("r1", f"{HOST}:{p1}", "primary"), ("r2", f"{ns.ns_ip}:{NS_PORT}", "replica")],
             extra=f"replica_buffer = {buffer}",

@@ -614,6 +614,23 @@ def _interleave(order: object, streams: dict[str, list[bytes]]) -> list[tuple[st
 CRASHES = st.sampled_from(["reset", "down", "eof"])
 
 
+def _play_with_crash(
+    h: Harness, events: list[tuple[str, bytes]], crash_at: int, crash: str
+) -> None:
+    """Feed the output chunks in order; the primary fails before chunk ``crash_at``."""
+    crashed = False
+    for i, (name, chunk) in enumerate(events):
+        if i == crash_at and not crashed:
+            crashed = True
+            h({"reset": UpstreamClosed(P, "ConnectionResetError"),
+               "down": PrimaryDown("health"),
+               "eof": UpstreamEof(P)}[crash])  # fmt: skip
+        if crashed and name == P:
+            continue  # a dead primary says nothing more
+        if h.session.in_session(name):
+            h(UpstreamData(name, chunk))
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     stream=st.binary(min_size=1, max_size=120),
@@ -632,16 +649,7 @@ def test_takeover_gives_the_client_one_copy_of_the_stream_whatever_the_timing(
     events = _interleave(
         order, {P: _cut(stream, cuts[0]), "r1": _cut(stream, cuts[1]), "r2": _cut(stream, cuts[2])}
     )
-    crashed = False
-    for i, (name, chunk) in enumerate(events):
-        if i == crash_at and not crashed:
-            crashed = True
-            h({"reset": UpstreamClosed(P, "ConnectionResetError"),
-               "down": PrimaryDown("health"),
-               "eof": UpstreamEof(P)}[crash])  # fmt: skip
-        if crashed and name == P:
-            continue  # a dead primary says nothing more
-        h(UpstreamData(name, chunk))
+    _play_with_crash(h, events, crash_at, crash)
     for name in ("r1", "r2", P):
         if h.session.in_session(name):
             h(UpstreamEof(name))
@@ -680,17 +688,7 @@ def test_takeover_never_splices_mismatched_bytes(
     h = connected((P, "primary"), (R, "replica"), mode=mode)  # type: ignore[arg-type]
     h(ClientData(b"request"))
     events = _interleave(order, {P: _cut(stream, cuts[0]), R: _cut(replica_stream, cuts[1])})
-    crashed = False
-    for i, (name, chunk) in enumerate(events):
-        if i == crash_at and not crashed:
-            crashed = True
-            h({"reset": UpstreamClosed(P, "ConnectionResetError"),
-               "down": PrimaryDown("health"),
-               "eof": UpstreamEof(P)}[crash])  # fmt: skip
-        if crashed and name == P:
-            continue
-        if h.session.in_session(name):
-            h(UpstreamData(name, chunk))
+    _play_with_crash(h, events, crash_at, crash)
     got = bytes(h.written[CLIENT])
     # Either the primary's bytes, or (after a takeover before the mismatch) the
     # replica's: a prefix of one stream or the other, never a mix of the two.
