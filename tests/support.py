@@ -486,3 +486,18 @@ def log_time(line: str) -> float:
 
     stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
     return stamp.timestamp()
+
+
+def echo_round_trip(s: socket.socket, data: bytes, timeout: float = WAIT) -> None:
+    """Send ``data`` through a session to an echoing sink and read it back.
+
+    Once it is back, the proxy has certainly accepted the session.
+    """
+    s.sendall(data)
+    s.settimeout(timeout)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(len(data) - len(got))
+        assert chunk, f"closed after {len(got)} of {len(data)} echoed bytes"
+        got += chunk
+    assert got == data

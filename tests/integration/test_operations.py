@@ -15,6 +15,7 @@ from support import (
     WAIT,
     config_text,
     connect,
+    echo_round_trip,
     example_client,
     example_server,
     recv_all,
@@ -114,10 +115,10 @@ def test_a_bad_reload_is_rejected_and_the_old_config_kept(tmp_path: Path) -> Non
 
 
 def test_drain_finishes_open_sessions_then_exits(tmp_path: Path) -> None:
-    with sink("p") as (_, pp):
+    with sink("p", echo=True) as (_, pp):
         config = config_text(tmp_path, [("p", pp, "primary")])
         with run_proxy(config) as px, connect(px.port) as live:
-            live.sendall(b"in flight")
+            echo_round_trip(live, b"in flight")  # the session is surely open now
             answer = post(px.admin, "/drain")
             assert answer == {"draining": True, "sessions": 1}
             px.proc.wait_for(r"waiting for as long as they last for 1 sessions")

@@ -19,6 +19,7 @@ from support import (
     WAIT,
     connect,
     digest,
+    echo_round_trip,
     example_server,
     free_port,
     proxy,
@@ -258,10 +259,13 @@ role = "primary"
 
 
 def test_sigterm_lets_open_sessions_finish(tmp_path: Path) -> None:
-    with sink("primary") as (_, p_port), proxy("--primary", f"{HOST}:{p_port}") as (px, port):
+    with (
+        sink("primary", echo=True) as (_, p_port),
+        proxy("--primary", f"{HOST}:{p_port}") as (px, port),
+    ):
         s = connect(port)
         try:
-            s.sendall(b"in flight")
+            echo_round_trip(s, b"in flight")  # the session is surely open now
             px.signal(signal.SIGTERM)
             px.wait_for(r"waiting up to .* for 1 sessions")
             # No new clients once stopping.
