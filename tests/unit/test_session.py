@@ -392,6 +392,17 @@ def test_replica_closing_before_the_primarys_output_leaves_and_is_stale() -> Non
 chunks = st.lists(st.binary(min_size=1, max_size=40), max_size=12)
 
 
+def _cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    """``data`` in pieces of the given sizes, the rest as a last piece."""
+    out, rest = [], data
+    for size in sizes:
+        if not rest:
+            break
+        out.append(rest[:size])
+        rest = rest[size:]
+    return [*out, rest] if rest else out
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     client_chunks=chunks,
@@ -417,15 +428,7 @@ def test_every_upstream_gets_the_client_stream_and_the_client_the_primarys(
     # Each replica answers the same bytes, cut at other places.
     streams: dict[str, list[bytes]] = {P: list(primary_chunks)}
     for n in names:
-        cut, rest = [], primary_stream
-        for size in replica_split:
-            if not rest:
-                break
-            cut.append(rest[:size])
-            rest = rest[size:]
-        if rest:
-            cut.append(rest)
-        streams[n] = cut
+        streams[n] = _cut(primary_stream, replica_split)
     # Interleave everything in a random order; connects in a random position too.
     events: list[Event] = [ClientData(c) for c in client_chunks]
     for name in [P, *names]:
@@ -467,18 +470,9 @@ def test_first_mismatch_is_found_at_its_offset_whatever_the_chunking(
     other = bytearray(stream)
     other[flip] ^= 0xFF
 
-    def cut(data: bytes, sizes: list[int]) -> list[bytes]:
-        out, rest = [], data
-        for size in sizes:
-            if not rest:
-                break
-            out.append(rest[:size])
-            rest = rest[size:]
-        return [*out, rest] if rest else out
-
     h = connected((P, "primary"), (R, "replica"))
-    p_parts = [UpstreamData(P, c) for c in cut(stream, p_cuts)]
-    r_parts = [UpstreamData(R, c) for c in cut(bytes(other), r_cuts)]
+    p_parts = [UpstreamData(P, c) for c in _cut(stream, p_cuts)]
+    r_parts = [UpstreamData(R, c) for c in _cut(bytes(other), r_cuts)]
     # A random interleaving that keeps each side's own order.
     events: list[Event] = []
     while p_parts or r_parts:
@@ -584,16 +578,6 @@ def test_replica_closing_at_the_same_point_as_the_primary_is_not_stale() -> None
 
 
 # ------------------------------------------------------------------ takeover
-
-
-def _cut(data: bytes, sizes: list[int]) -> list[bytes]:
-    out, rest = [], data
-    for size in sizes:
-        if not rest:
-            break
-        out.append(rest[:size])
-        rest = rest[size:]
-    return [*out, rest] if rest else out
 
 
 def _interleave(order: object, streams: dict[str, list[bytes]]) -> list[tuple[str, bytes]]:
