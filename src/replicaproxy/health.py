@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 from replicaproxy.config import Address, HealthConfig
-from replicaproxy.io.driver import LOCAL_ERRNOS
-from replicaproxy.logutil import describe_error
+from replicaproxy.logutil import LOCAL_ERRNOS, describe_error
 
 log = logging.getLogger(__name__)
 

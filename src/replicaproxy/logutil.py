@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -31,6 +32,13 @@ class RateLimited:
             logger.log(level, msg + " (%d more like this not logged)", *args, held)
         else:
             logger.log(level, msg, *args)
+
+
+#: Errors that are this machine's shortage, not a backend's failure: they must
+#: never make a backend stale or trigger a failover (connects and health checks).
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -281,8 +281,7 @@ class Session:
             and self._plain
             and p.out == self._frontier
             and not self._window
-            and not self._client_closing
-            and not self.client_closed
+            and not self._client_gone()
         ):
             # Nobody to compare with, nothing held back: straight to the client.
             n = len(data)
@@ -1061,7 +1060,7 @@ class Session:
             self.outcome = outcome
         if outcome == "ok":
             self._check_final_lengths(actions)
-        if not self.client_closed and not self._client_closing:
+        if not self._client_gone():
             self._client_closing = True
             actions.append(Close(CLIENT))
             self._start_linger(actions)

@@ -9,7 +9,6 @@ on anything else. ``OSError`` is caught here, at the edge, and becomes an event.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections import deque
@@ -53,7 +52,7 @@ from replicaproxy.core.events import (
     WriteUnblocked,
 )
 from replicaproxy.core.session import Session
-from replicaproxy.logutil import describe_error
+from replicaproxy.logutil import LOCAL_ERRNOS, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +60,6 @@ log = logging.getLogger(__name__)
 IDLE_CHECKS = 4
 #: Connect attempts per upstream per session (see SessionDriver._connect).
 CONNECT_TRIES = 3
-#: Connect errors that are this machine's shortage, not the backend's failure:
-#: they must never make a backend stale or trigger a failover.
-LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
 
 
 class SessionHost(Protocol):
