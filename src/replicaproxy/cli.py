@@ -17,14 +17,26 @@ import uvloop
 
 from replicaproxy import __version__
 from replicaproxy.config import Config, ConfigError, Overrides, build_config, load_config
+from replicaproxy.options import Once
 
 EXIT_USAGE = 2
 
 log = logging.getLogger("replicaproxy")
 
 
+def _error(message: str) -> None:
+    """Print ``replicaproxy: error: MESSAGE`` as one line, whatever text the user typed.
+
+    Paths and stray arguments are echoed as given; a control character in them (a
+    newline, an escape sequence) is shown escaped so it can neither split the line nor
+    reach the terminal.
+    """
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+    click.echo(f"replicaproxy: error: {shown}", err=True)
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    click.echo(f"replicaproxy: error: {message}", err=True)
+    _error(message)
     sys.exit(code)
 
 
@@ -52,6 +64,7 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 LOG_LEVEL = click.option(
     "--log-level",
+    cls=Once,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
     show_default=True,
@@ -59,6 +72,7 @@ LOG_LEVEL = click.option(
 )
 LOG_FORMAT = click.option(
     "--log-format",
+    cls=Once,
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
@@ -77,18 +91,22 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", metavar="FILE", help="TOML config file.")
-@click.option("--listen", metavar="HOST:PORT", help="Address to accept clients on.")
-@click.option("--primary", metavar="HOST:PORT", help="The primary backend (replaces the file's).")
+@click.option("--config", "config_path", cls=Once, metavar="FILE", help="TOML config file.")
+@click.option("--listen", cls=Once, metavar="HOST:PORT", help="Address to accept clients on.")
+@click.option(
+    "--primary", cls=Once, metavar="HOST:PORT", help="The primary backend (replaces the file's)."
+)
 @click.option(
     "--replica", "replicas", metavar="HOST:PORT", multiple=True, help="Add a replica (repeatable)."
 )
 @click.option(
     "--shadow", "shadows", metavar="HOST:PORT", multiple=True, help="Add a shadow (repeatable)."
 )
-@click.option("--mode", type=click.Choice(["async", "sync"]), help="Replication mode.")
-@click.option("--admin", metavar="HOST:PORT", help="Admin HTTP address (off unless given).")
-@click.option("--state-file", metavar="PATH", help="Where the replica view is kept.")
+@click.option("--mode", cls=Once, type=click.Choice(["async", "sync"]), help="Replication mode.")
+@click.option(
+    "--admin", cls=Once, metavar="HOST:PORT", help="Admin HTTP address (off unless given)."
+)
+@click.option("--state-file", cls=Once, metavar="PATH", help="Where the replica view is kept.")
 @click.option(
     "--reset-state",
     is_flag=True,
@@ -148,10 +166,10 @@ async def _serve(
     try:
         await server.serve()
     except StateError as exc:
-        click.echo(f"replicaproxy: error: {exc}", err=True)
+        _error(str(exc))
         return EXIT_USAGE
     except StartError as exc:
-        click.echo(f"replicaproxy: error: {exc}", err=True)
+        _error(str(exc))
         return 1
     return 0
 
@@ -197,9 +215,15 @@ def compat(
 
 
 @cli.command("example-server")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
-    "--port", type=click.IntRange(0, 65535), required=True, help="Port to listen on (0: any)."
+    "--host", cls=Once, default="127.0.0.1", show_default=True, help="Address to listen on."
+)
+@click.option(
+    "--port",
+    cls=Once,
+    type=click.IntRange(0, 65535),
+    required=True,
+    help="Port to listen on (0: any).",
 )
 def example_server(host: str, port: int) -> None:
     """The demo protocol's server: prints each value it receives, answers HOLA."""
@@ -219,6 +243,7 @@ def example_server(host: str, port: int) -> None:
 @click.argument("port", type=click.IntRange(1, 65535))
 @click.option(
     "--connect-deadline",
+    cls=Once,
     type=click.FloatRange(min=0.1),
     default=10.0,
     show_default=True,

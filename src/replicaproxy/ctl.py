@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from replicaproxy.config import ConfigError, parse_address
+from replicaproxy.options import Once
 
 __all__ = [
     "DEFAULT_ADMIN",
@@ -275,6 +276,7 @@ _pass_target = click.make_pass_decorator(_Target)
 @click.group("ctl")
 @click.option(
     "--admin",
+    cls=Once,
     metavar="HOST:PORT",
     default=DEFAULT_ADMIN,
     show_default=True,
@@ -283,6 +285,7 @@ _pass_target = click.make_pass_decorator(_Target)
 )
 @click.option(
     "--token",
+    cls=Once,
     metavar="T",
     default="",
     envvar="REPLICAPROXY_TOKEN",
@@ -313,6 +316,7 @@ def status_command(target: _Target, as_json: bool) -> None:
 @ctl.command("events")
 @click.option(
     "--since",
+    cls=Once,
     type=click.IntRange(min=0),
     default=0,
     show_default=True,

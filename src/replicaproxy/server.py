@@ -373,7 +373,9 @@ class Server:
                 self._running = False
             except StateError as exc:
                 log.error("cannot record the clean stop: %s", exc)
-        log.info("stopped")
+        if self.started.is_set():
+            # (A start that failed says why in its own error, and nothing else.)
+            log.info("stopped")
 
     async def _wait_idle(self, limit: float | None) -> None:
         idle = asyncio.ensure_future(self._idle.wait())

@@ -288,6 +288,9 @@ def test_sigterm_lets_open_sessions_finish(tmp_path: Path) -> None:
         (["run", "--bogus"], "--bogus"),
         (["compat", "host", "notaport", "1", "2"], "REPLICA_PORT"),
         (["run", "--config", "/nonexistent/x.toml"], "/nonexistent/x.toml"),
+        # A flag that takes one value, given twice: an error, not the last one silently.
+        (["run", "--primary", "127.0.0.1:1", "--mode", "sync", "--mode", "async"], "--mode"),
+        (["run", "--primary", "127.0.0.1:1", "--primary", "127.0.0.1:2"], "given 2 times"),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(args: list[str], names: str) -> None:

@@ -232,6 +232,12 @@ def test_status_json_is_the_status(admin: str, fake: FakeControl) -> None:
     assert result.stdout.startswith('{\n  "epoch": 1,')
 
 
+def test_the_admin_address_given_twice_is_a_usage_error(admin: str) -> None:
+    result = invoke("--admin", admin, "--admin", f"127.0.0.1:{closed_port()}", "status")
+    assert result.exit_code == 2, result.output
+    assert "'--admin': given 2 times" in result.output
+
+
 def test_admin_address_from_the_environment(admin: str) -> None:
     result = invoke("status", "--json", env={"REPLICAPROXY_ADMIN": admin})
     assert result.exit_code == 0, result.output
