@@ -51,6 +51,8 @@ class Harness:
     """Feeds events to a session and records what each endpoint was sent."""
 
     session: Session
+    #: Data events by the driver's shortcuts (client_data, upstream_data), not handle().
+    hot: bool = False
     actions: list[Action] = field(default_factory=list)
     written: dict[str, bytearray] = field(default_factory=lambda: defaultdict(bytearray))
     eof_sent: dict[str, int] = field(default_factory=dict)  # target -> bytes written before EOF
@@ -73,6 +75,10 @@ class Harness:
         return self.record(self.session.start())
 
     def __call__(self, event: Event) -> list[Action]:
+        if self.hot and type(event) is ClientData:
+            return self.record(self.session.client_data(event.data))
+        if self.hot and type(event) is UpstreamData:
+            return self.record(self.session.upstream_data(event.name, event.data))
         return self.record(self.session.handle(event))
 
     def of(self, kind: type[Action]) -> list[Action]:
@@ -95,12 +101,13 @@ class Harness:
         return [a for a in self.actions if isinstance(a, Report) and a.kind == kind]
 
 
-def make(*members: tuple[str, str], **limits: float) -> Harness:
-    return Harness(Session([Member(n, r) for n, r in members], Limits(**limits)))  # type: ignore[arg-type]
+def make(*members: tuple[str, str], hot: bool = False, **limits: float) -> Harness:
+    session = Session([Member(n, r) for n, r in members], Limits(**limits))  # type: ignore[arg-type]
+    return Harness(session, hot=hot)
 
 
-def connected(*members: tuple[str, str], **limits: float) -> Harness:
-    h = make(*members, **limits)
+def connected(*members: tuple[str, str], hot: bool = False, **limits: float) -> Harness:
+    h = make(*members, hot=hot, **limits)
     h.start()
     for name, _ in members:
         h(UpstreamConnected(name))
@@ -410,6 +417,7 @@ def _cut(data: bytes, sizes: list[int]) -> list[bytes]:
     replica_split=st.lists(st.integers(min_value=1, max_value=50), max_size=20),
     order=st.randoms(use_true_random=False),
     replicas=st.integers(min_value=0, max_value=3),
+    window=st.sampled_from([10, 64, 1 << 20]),
 )
 def test_every_upstream_gets_the_client_stream_and_the_client_the_primarys(
     client_chunks: list[bytes],
@@ -417,12 +425,13 @@ def test_every_upstream_gets_the_client_stream_and_the_client_the_primarys(
     replica_split: list[int],
     order: object,
     replicas: int,
+    window: int,
 ) -> None:
     import random
 
     assert isinstance(order, random.Random)
     names = [f"r{i}" for i in range(replicas)]
-    h = make((P, "primary"), *[(n, "replica") for n in names])
+    h = make((P, "primary"), *[(n, "replica") for n in names], compare_window=window)
     h.start()
     primary_stream = b"".join(primary_chunks)
     # Each replica answers the same bytes, cut at other places.
@@ -450,6 +459,83 @@ def test_every_upstream_gets_the_client_stream_and_the_client_the_primarys(
     assert h.session.delivered == h.session.out(P) == len(primary_stream)
     assert not h.reports("divergence")
     assert not h.stale()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=st.binary(min_size=1, max_size=200),
+    flip=st.one_of(st.none(), st.integers(min_value=0, max_value=199)),
+    cuts=st.lists(st.lists(st.integers(min_value=1, max_value=30), max_size=10), min_size=4,
+                  max_size=4),
+    order=st.randoms(use_true_random=False),
+    window=st.sampled_from([8, 40, 1 << 20]),
+    mode=st.sampled_from(["async", "sync"]),
+    pauses=st.lists(st.integers(min_value=0, max_value=60), max_size=3),
+    eofs=st.sets(st.sampled_from([P, "r1", "r2", S])),
+    short=st.integers(min_value=0, max_value=20),
+    client_gone=st.one_of(st.none(), st.integers(min_value=1, max_value=60)),
+)  # fmt: skip
+def test_the_hot_path_does_exactly_what_handle_does(
+    stream: bytes,
+    flip: int | None,
+    cuts: list[list[int]],
+    order: object,
+    window: int,
+    mode: str,
+    pauses: list[int],
+    eofs: set[str],
+    short: int,
+    client_gone: int | None,
+) -> None:
+    """client_data / upstream_data (the driver's shortcuts) = handle(), action for action.
+
+    Over replicas and a shadow ahead of and behind the primary, a window small enough
+    to pause the primary and lose comparisons, a replica that diverges, one that
+    answers less, upstreams that end (early or not), the client's writes blocking
+    for a while, and the client going away.
+    """
+    members = ((P, "primary"), ("r1", "replica"), ("r2", "replica"), (S, "shadow"))
+    cold = connected(*members, compare_window=window, mode=mode)  # type: ignore[arg-type]
+    hot = connected(*members, compare_window=window, mode=mode, hot=True)  # type: ignore[arg-type]
+    other = bytearray(stream)
+    if flip is not None:
+        other[flip % len(stream)] ^= 0x01
+    outputs = {P: stream, "r1": stream[: len(stream) - short], "r2": bytes(other), S: stream}
+    chunks = {name: _cut(out, cut) for (name, out), cut in zip(outputs.items(), cuts, strict=True)}
+    events: list[Event] = [ClientData(b"request")]
+    for name, chunk in _interleave(order, chunks):
+        events.append(UpstreamData(name, chunk))
+        if name in eofs and chunk is chunks[name][-1]:
+            events.append(UpstreamEof(name))
+    for at in sorted(pauses, reverse=True):
+        if at < len(events):
+            events[at:at] = [WriteBlocked(CLIENT), ClientData(b"more"), WriteUnblocked(CLIENT)]
+    if client_gone is not None:
+        events.insert(min(client_gone, len(events)), ClientClosed("ConnectionResetError"))
+    for i, event in enumerate(events):
+        assert hot(event) == cold(event), f"event {i}: {event}"
+        # And the same state: the window kept for comparisons included.
+        assert hot.session.delivered == cold.session.delivered
+        assert hot.session._window == cold.session._window
+        assert hot.session._window_base == cold.session._window_base
+        for name, _ in members:
+            assert hot.session.out(name) == cold.session.out(name), name
+
+
+@pytest.mark.parametrize("hot", [False, True])
+def test_a_replica_that_ended_where_the_primary_was_leaves_when_the_primary_goes_on(
+    hot: bool,
+) -> None:
+    h = connected((P, "primary"), (R, "replica"), hot=hot)
+    h(ClientData(b"request"))
+    h(UpstreamData(P, b"abc"))
+    h(UpstreamData(R, b"abc"))
+    h(UpstreamEof(R))  # level with the primary: not early, yet
+    assert not h.stale()
+    h(UpstreamData(P, b"def"))  # now it is
+    assert R in h.stale()
+    assert not h.session.in_session(R)
+    assert bytes(h.written[CLIENT]) == b"abcdef"
 
 
 @settings(max_examples=200, deadline=None)

@@ -78,6 +78,9 @@ def _describe(exc: BaseException | None) -> str | None:
     return None if exc is None else describe_error(exc)
 
 
+_TO_CLIENT = (CLIENT,)
+
+
 class Flusher:
     """Writes to replicas and shadows in batches, on one shared tick.
 
@@ -218,18 +221,38 @@ class SessionDriver:
                 t.writelines(chunks)
 
     def client_data(self, data: bytes) -> None:
-        """ClientData, without building the event when nothing else is going on."""
+        """ClientData, by the session's shortest way when nothing else is going on."""
         if self._dispatching:
             self._queue.append(ClientData(data))
-        else:
+            return
+        route = self.session.routed(data)
+        if route is None:
             self._dispatch(self.session.client_data, data)
+        else:
+            self._forward(route, data)
 
     def upstream_data(self, name: str, data: bytes) -> None:
-        """UpstreamData, without building the event when nothing else is going on."""
+        """UpstreamData, by the session's shortest way when nothing else is going on."""
         if self._dispatching:
             self._queue.append(UpstreamData(name, data))
-        else:
+        elif self.session.passed(name, data):
+            self._forward(_TO_CLIENT, data)
+        elif not self.session.checked(name, data):
             self._dispatch(self.session.upstream_data, name, data)
+
+    def _forward(self, targets: tuple[str, ...], data: bytes) -> None:
+        """Write data the session routed, then handle what the writes reported."""
+        self._dispatching = True  # a write may report WriteBlocked: it waits its turn
+        try:
+            for target in targets:
+                self._write(target, data)
+            while self._queue:
+                self._run(self.session.handle(self._queue.popleft()))
+        except Exception:
+            log.exception("session %d: internal error; closing the session", self.sid)
+            self._teardown("internal_error")
+        finally:
+            self._dispatching = False
 
     def _write(self, target: str, data: bytes) -> None:
         if target in self._batched:
