@@ -456,6 +456,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _is_own_listen(backend: Address, listen: Address) -> bool:
+    """Whether connecting to ``backend`` reaches the proxy's own listener."""
+    if listen.port == 0 or backend.port != listen.port:
+        return False
+    host = backend.host.lower()
+    if host == listen.host.lower():
+        return True
+    # Listening on every address of the machine: any loopback address reaches it.
+    return listen.host in ("0.0.0.0", "::", "") and is_loopback(host)
+
+
 # --------------------------------------------------------------------------- tables
 
 _Parser = Callable[[object, str], Any]
@@ -640,6 +651,11 @@ def _finish(draft: _Draft, missing_primary: str) -> Config:
         if (first := by_address.get(address_key)) is not None:
             raise ConfigError(f"{entry.key('address')}: {address} is already used by {first.ref}")
         by_address[address_key] = entry
+        if _is_own_listen(address, draft.proxy.listen):
+            raise ConfigError(
+                f"{entry.key('address')}: {address} is the proxy's own listen address "
+                f"({draft.proxy.listen}): the proxy would connect to itself without end"
+            )
         name = entry.backend.name
         if (first := by_name.get(name)) is not None:
             where = entry.where if entry.from_flag else f"{entry.index_where}.name"

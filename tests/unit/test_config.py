@@ -251,6 +251,14 @@ BACKEND_B = {"name": "b", "address": "127.0.0.1:2", "role": "replica"}
             {"backend": [PRIMARY, {**BACKEND_B, "address": "[::1]:1"}, {"address": "[0::1]:1"}]},
             "config: backend[3].address: [::1]:1 is already used by backend 'b'",
         ),
+        (
+            {"proxy": {"listen": "127.0.0.1:1"}, "backend": [PRIMARY]},
+            "config: backend 'a'.address: 127.0.0.1:1 is the proxy's own listen address",
+        ),
+        (
+            {"proxy": {"listen": "0.0.0.0:2"}, "backend": [PRIMARY, BACKEND_B]},
+            "config: backend 'b'.address: 127.0.0.1:2 is the proxy's own listen address",
+        ),
         ({"backend": [{**PRIMARY, "name": ""}]}, "config: backend[1].name: expected a non-empty"),
         (
             {"backend": [{**PRIMARY, "name": "a b"}]},
@@ -560,6 +568,16 @@ def test_flag_replicas_count_for_min_in_sync(tmp_path: Path) -> None:
             Overrides(primary="h:1", shadows=("H:1",)),
             "--shadow: H:1 is already used by --primary",
         ),
+        (
+            EXAMPLE,  # listens on 0.0.0.0:50000
+            Overrides(replicas=("localhost:50000",)),
+            "--replica: localhost:50000 is the proxy's own listen address (0.0.0.0:50000)",
+        ),
+        (
+            None,
+            Overrides(listen="[::1]:7", primary="[::1]:7"),
+            "--primary: [::1]:7 is the proxy's own listen address",
+        ),
     ],
 )
 def test_flag_errors_name_the_flag(path: Path | None, overrides: Overrides, message: str) -> None:
@@ -832,3 +850,17 @@ def test_allow_list_parses_cidrs_and_names_a_bad_one() -> None:
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             config_from_dict({**base, "proxy": {"allow": bad}})
+
+
+@pytest.mark.parametrize(
+    ("listen", "backend"),
+    [
+        ("127.0.0.1:0", "127.0.0.1:5"),  # a free port: never a backend's
+        ("127.0.0.1:5", "127.0.0.2:5"),  # another address, same port
+        ("0.0.0.0:5", "192.0.2.1:5"),  # another machine
+        ("127.0.0.1:5", "127.0.0.1:6"),
+    ],
+)
+def test_a_backend_near_the_listen_address_is_fine(listen: str, backend: str) -> None:
+    config = build_config(None, Overrides(listen=listen, primary=backend))
+    assert str(config.backends[0].address) == backend
