@@ -355,12 +355,8 @@ class Session:
         if end > frontier or not _same(self._window, start - base, data, 0, len(data)):
             return False
         r.out = end
-        # The window keeps what the mirror furthest behind has yet to match; within
-        # its bound (no pause above), so only its front is dropped.
-        need = min(frontier, self._primary.out, self.delivered)
-        for m in self._mirrors:
-            if m.compared and m.out < need:
-                need = m.out
+        # Within the window's bound (no pause above): only its front may go.
+        need = self._needed_from()
         if need >= frontier:
             self._window.clear()
             self._window_base = frontier
@@ -721,14 +717,23 @@ class Session:
             actions.append(CancelTimer(Timer.REPLICA_TIMEOUT))
         self._trim_window(actions)
 
+    def _needed_from(self) -> int:
+        """The stream's first offset still needed.
+
+        By a compared mirror yet to match it, the client yet to get it (sync mode),
+        or a new primary yet to repeat it.
+        """
+        need = min(self._frontier, self._primary.out, self.delivered)
+        for r in self._mirrors:
+            if r.compared and r.out < need:
+                need = r.out
+        return need
+
     def _trim_window(self, actions: list[Action]) -> None:
         """Drop the primary's stream where nobody needs it any more; bound what is kept."""
         frontier = self._frontier
         while True:
-            need = min(frontier, self._primary.out, self.delivered)
-            for r in self._mirrors:
-                if r.compared and r.out < need:
-                    need = r.out
+            need = self._needed_from()
             if need >= frontier:
                 self._window.clear()
                 self._window_base = frontier

@@ -241,7 +241,12 @@ class SessionDriver:
             self._dispatch(self.session.upstream_data, name, data)
 
     def _forward(self, targets: tuple[str, ...], data: bytes) -> None:
-        """Write data the session routed, then handle what the writes reported."""
+        """Write data the session routed, then handle what the writes reported.
+
+        (``_dispatch`` with a step that writes would do the same; measured side by
+        side under redis-benchmark, that costs a replicating proxy several percent
+        more CPU per request.)
+        """
         self._dispatching = True  # a write may report WriteBlocked: it waits its turn
         try:
             for target in targets:
