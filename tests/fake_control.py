@@ -154,6 +154,7 @@ class FakeControl:
             "primary": self.primary,
             "mode": "async",
             "clean": False,
+            "last_stop": "clean",
             "uptime": 3725.5,
             "sessions_active": sum(b.sessions for b in self.backends if b.role == "primary"),
             "sessions_total": 40,

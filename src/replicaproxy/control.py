@@ -32,7 +32,8 @@ class Control(Protocol):
         """The view and the backends, as ``GET /status`` returns them.
 
         ``{"epoch": 1, "primary": "NAME", "mode": "async", "clean": false,
-        "uptime": 12.5, "sessions_active": 3, "sessions_total": 40,
+        "last_stop": "clean|unclean|none", "uptime": 12.5, "sessions_active": 3,
+        "sessions_total": 40,
         "client_bytes": {"from_client": 0, "to_client": 0},
         "backends": [{"name": "NAME", "address": "HOST:PORT",
         "role": "primary|replica|shadow", "state": "in_sync|stale",

@@ -210,6 +210,8 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         header.append(f"sessions {status['sessions_active']} open{of}")
     if status.get("draining") is True:
         header.append("DRAINING")
+    if status.get("last_stop") == "unclean":
+        header.append("LAST STOP UNCLEAN (replicas made stale)")
     console.print(Text("  ".join(header)))
     backends = [b for b in status.get("backends", []) if isinstance(b, dict)]
     optional = [column for column in _OPTIONAL_COLUMNS if any(column[0] in b for b in backends)]

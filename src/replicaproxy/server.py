@@ -145,6 +145,9 @@ class Server:
         self._flusher = _flusher(config)
         self._admin: Any = None
         self._running = False  # the state file says a proxy runs on this view
+        #: How the run before this one ended, as the state file said at start:
+        #: "clean", "unclean" (every replica made stale) or "none" (a new view).
+        self.last_stop = "none"
         self._listener: asyncio.Server | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -258,6 +261,7 @@ class Server:
                 )
             for note in notes:
                 log.warning("state file: %s", note)
+            self.last_stop = "clean" if stored.clean else "unclean"
             if not stored.clean:
                 # The last proxy died without flushing: input it had accepted may
                 # never have reached some replicas. None can be trusted now.
@@ -586,6 +590,7 @@ class Server:
             "primary": view.primary,
             "mode": self.config.proxy.mode,
             "clean": view.clean,
+            "last_stop": self.last_stop,
             "uptime": round(time.monotonic() - self._started_at, 3),
             "sessions_active": len(self.sessions),
             "sessions_total": self.sessions_total,

@@ -98,6 +98,7 @@ def test_sigterm_under_load_then_restart_keeps_the_view(tmp_path: Path) -> None:
                 px.proc.wait_for(r"names r2 as primary, not the config's r1: using the state file")
                 assert not px.proc.count(r"did not stop cleanly")
                 status = px.status()
+                assert status["last_stop"] == "clean"
                 assert status["primary"] == "r2" and status["epoch"] == 1
                 assert px.states() == {"r1": "stale", "r2": "in_sync"}
                 assert redis_cli(px.port, "GET", f"w:{writer.acked[-1]}") == str(writer.acked[-1])
@@ -142,6 +143,7 @@ def test_sigkill_under_load_makes_every_replica_stale_until_marked_synced(
         with run_proxy(config, name="proxy-again") as px:
             px.proc.wait_for(r"ERROR .*the last run of the proxy did not stop cleanly")
             status = px.status()
+            assert status["last_stop"] == "unclean"
             assert status["primary"] == "r1"
             assert status["epoch"] == 1  # r2 marked stale: a new view
             assert px.states() == {"r1": "in_sync", "r2": "stale"}

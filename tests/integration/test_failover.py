@@ -44,6 +44,7 @@ def test_example_primary_killed_between_sessions(tmp_path: Path) -> None:
             assert mv2.wait_stdout_lines(16)[8:] == list(EXPECTED_LINES)
             status = px.status()
             assert status["primary"] == "mv2" and status["epoch"] == 1
+            assert status["last_stop"] == "none", "a new view: no run before this one"
             assert px.states() == {"mv1": "stale", "mv2": "in_sync"}
             assert json.loads((tmp_path / "state.json").read_text())["primary"] == "mv2"
 

@@ -194,6 +194,7 @@ def test_the_status_page_in_a_real_browser(tmp_path: Path) -> None:
         expect(page.locator("#epoch")).to_have_text(str(status["epoch"]))
         expect(page.locator("#primary")).to_have_text(PRIMARY)
         expect(page.locator("#mode")).to_have_text("async")
+        expect(page.locator("#last-stop")).to_have_text("new")
         rows = page.locator("#backends tbody tr")
         expect(rows).to_have_count(3)
         for name, role in ((PRIMARY, "primary"), (REPLICA, "replica"), (SHADOW, "shadow")):

@@ -50,6 +50,7 @@ STATUS_KEYS = {
     "primary",
     "mode",
     "clean",
+    "last_stop",
     "uptime",
     "sessions_active",
     "sessions_total",

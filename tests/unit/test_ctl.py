@@ -163,6 +163,14 @@ def test_status_shows_only_the_columns_some_backend_has(fake: FakeControl) -> No
     render_status(status, Console(file=out, width=PLAIN_WIDTH))
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("  DRAINING")
+    status["last_stop"] = "unclean"
+    out = io.StringIO()
+    render_status(status, Console(file=out, width=PLAIN_WIDTH))
+    assert (
+        out.getvalue()
+        .splitlines()[0]
+        .endswith("  DRAINING  LAST STOP UNCLEAN (replicas made stale)")
+    )
     rows = {cells[0]: cells[1:] for cells in (_cells(line) for line in lines) if cells}
     assert rows["backend"] == [*HEADER[1:8], "divergences"]
     assert rows["mv1"][-2:] == ["1.17 KiB", ""]  # bytes from, then no divergences
