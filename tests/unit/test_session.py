@@ -41,7 +41,7 @@ from replicaproxy.core.events import (
     WriteEof,
     WriteUnblocked,
 )
-from replicaproxy.core.session import Limits, Member, Session
+from replicaproxy.core.session import Limits, Member, Session, _same
 
 P, R, S = "p", "r", "s"
 
@@ -520,6 +520,25 @@ def test_the_hot_path_does_exactly_what_handle_does(
         assert hot.session._window_base == cold.session._window_base
         for name, _ in members:
             assert hot.session.out(name) == cold.session.out(name), name
+
+
+@given(
+    a=st.binary(max_size=12),
+    b=st.binary(max_size=12),
+    a_at=st.integers(0, 14),
+    b_at=st.integers(0, 14),
+    k=st.integers(0, 14),
+    a_mutable=st.booleans(),
+    b_mutable=st.booleans(),
+)
+def test_same_is_slice_equality(
+    a: bytes, b: bytes, a_at: int, b_at: int, k: int, a_mutable: bool, b_mutable: bool
+) -> None:
+    """The comparison every mirror chunk goes through: slices of exactly k equal bytes."""
+    expected = k == 0 or (a[a_at : a_at + k] == b[b_at : b_at + k] and len(a[a_at:]) >= k)
+    left = bytearray(a) if a_mutable else a
+    right = bytearray(b) if b_mutable else b
+    assert _same(left, a_at, right, b_at, k) == expected
 
 
 @pytest.mark.parametrize("hot", [False, True])
