@@ -17,6 +17,7 @@ import uvloop
 
 from replicaproxy import __version__
 from replicaproxy.config import Config, ConfigError, Overrides, build_config, load_config
+from replicaproxy.logutil import one_line
 from replicaproxy.options import Once
 
 EXIT_USAGE = 2
@@ -31,8 +32,7 @@ def _error(message: str) -> None:
     newline, an escape sequence) is shown escaped so it can neither split the line nor
     reach the terminal.
     """
-    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
-    click.echo(f"replicaproxy: error: {shown}", err=True)
+    click.echo(f"replicaproxy: error: {one_line(message)}", err=True)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:

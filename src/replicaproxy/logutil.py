@@ -8,6 +8,15 @@ import os
 import time
 
 
+def one_line(text: str) -> str:
+    """``text`` with every control character (a newline, an escape sequence) escaped.
+
+    For messages that quote what a user typed: a path or word holding a newline
+    can then neither split the line nor reach the terminal raw.
+    """
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 class RateLimited:
     """Let a kind of log line through at most once per ``interval`` seconds.
 

@@ -37,7 +37,7 @@ from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import Health, HealthChecker
 from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
-from replicaproxy.logutil import RateLimited
+from replicaproxy.logutil import RateLimited, one_line
 from replicaproxy.metrics import Metrics
 from replicaproxy.store import FileStateStore, StateError, StateStore
 
@@ -640,7 +640,7 @@ class Server:
             changes = self._apply(new)
         except (ConfigError, ControlError) as exc:
             message = exc.message if isinstance(exc, ControlError) else str(exc)
-            log.error("reload rejected, the running config is kept: %s", message)
+            log.error("reload rejected, the running config is kept: %s", one_line(message))
             self._event("reload", None, f"rejected: {message}")
             raise ControlError(
                 400, f"reload rejected, the running config is kept: {message}"

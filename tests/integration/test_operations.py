@@ -90,6 +90,19 @@ def test_sighup_adds_a_replica_without_dropping_a_live_session(tmp_path: Path) -
             r2proc.wait_for(r"conn 10 ")
 
 
+def test_a_rejected_reload_is_logged_on_one_line_whatever_the_path(tmp_path: Path) -> None:
+    folder = tmp_path / "conf\ndir"  # a newline in the config's path
+    folder.mkdir()
+    with sink("p") as (_, pp):
+        config = folder / "c.toml"
+        config.write_text(Path(config_text(tmp_path, [("p", pp, "primary")])).read_text())
+        with run_proxy(str(config)) as px:
+            config.write_text(config.read_text().replace("[health]", "[health]\nfal = 3"))
+            px.proc.signal(signal.SIGHUP)
+            # The path is shown escaped, so the whole message is on this one line.
+            px.proc.wait_for(r"reload rejected, .*conf\\ndir/c\.toml: health\.fal: unknown key")
+
+
 def test_a_bad_reload_is_rejected_and_the_old_config_kept(tmp_path: Path) -> None:
     with sink("p") as (_, pp), sink("r") as (_, rp):
         config = config_text(tmp_path, [("p", pp, "primary"), ("r", rp, "replica")])
