@@ -7,7 +7,10 @@ exit code 2; nothing the user typed produces a traceback.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import os
+import queue
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
@@ -17,7 +20,7 @@ import uvloop
 
 from replicaproxy import __version__
 from replicaproxy.config import Config, ConfigError, Overrides, build_config, load_config
-from replicaproxy.logutil import one_line
+from replicaproxy.logutil import LOG_QUEUE, DroppingQueueHandler, LogWriter, one_line
 from replicaproxy.options import Once
 
 EXIT_USAGE = 2
@@ -41,6 +44,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr from a thread of its own: the event loop never waits on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
@@ -53,9 +57,28 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.Queue[logging.LogRecord | None] = queue.Queue(LOG_QUEUE)
+    writer = LogWriter(records, handler)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [DroppingQueueHandler(records)]
     root.setLevel(getattr(logging, level.upper()))
+    writer.start()
+    atexit.register(writer.stop)  # what is still queued at exit gets written
+    global _log_writer
+    _log_writer = writer
+
+
+_log_writer: LogWriter | None = None
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit with ``code`` once the log is written, or at once if stderr is stuck.
+
+    (A normal exit would then hang: logging's own shutdown flushes stderr.)
+    """
+    if _log_writer is not None and not _log_writer.stop():
+        os._exit(code)
+    sys.exit(code)
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -150,7 +173,7 @@ def run(
     _setup_logging(log_level, log_format)
     # SIGHUP and POST /reload re-read the file, with the same flags on top.
     source = (lambda: build_config(config_path, overrides)) if config_path else None
-    sys.exit(_run_async(_serve(config, reset_state=reset_state, config_source=source)))
+    _exit(_run_async(_serve(config, reset_state=reset_state, config_source=source)))
 
 
 async def _serve(
@@ -211,7 +234,7 @@ def compat(
     except ConfigError as exc:
         _fail(str(exc))
     _setup_logging(log_level)
-    sys.exit(_run_async(_serve(config)))
+    _exit(_run_async(_serve(config)))
 
 
 @cli.command("example-server")
@@ -271,7 +294,7 @@ def demo(log_level: str) -> None:
     from replicaproxy.demo.run import run_demo
 
     _setup_logging(log_level if log_level != "info" else "warning")
-    sys.exit(_run_async(run_demo()))
+    _exit(_run_async(run_demo()))
 
 
 def _attach_ctl() -> None:

@@ -4,8 +4,86 @@ from __future__ import annotations
 
 import errno
 import logging
+import logging.handlers
 import os
+import queue
+import threading
 import time
+
+#: Log records waiting for the writer thread; past this, new ones are dropped.
+LOG_QUEUE = 10_000
+
+
+class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the log writer's thread and never blocks the event loop.
+
+    Writing to stderr blocks once nobody reads it (a full pipe): done on the
+    loop's thread, that would stop every session. Here a full queue drops the
+    record instead, and the count is logged as soon as there is room again.
+    """
+
+    def __init__(self, records: queue.Queue[logging.LogRecord | None]) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                self.queue.put_nowait(self._dropped_note())
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _dropped_note(self) -> logging.LogRecord:
+        return logging.LogRecord(
+            "replicaproxy",
+            logging.WARNING,
+            __file__,
+            0,
+            "%d log lines dropped: the log was not read for a while",
+            (self.dropped,),
+            None,
+        )
+
+
+class LogWriter:
+    """The thread that writes queued records to ``handler``.
+
+    (``logging.handlers.QueueListener`` does this too, but its ``stop`` waits
+    without a bound, and a stuck stderr would then hang the proxy's exit.)
+    """
+
+    def __init__(
+        self, records: queue.Queue[logging.LogRecord | None], handler: logging.Handler
+    ) -> None:
+        self.records = records
+        self.handler = handler
+        self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _write(self) -> None:
+        while (record := self.records.get()) is not None:
+            try:
+                self.handler.handle(record)
+            except Exception:  # the writer must outlive a bad record
+                self.handler.handleError(record)
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Write what is queued, waiting at most ``timeout`` seconds.
+
+        False: stderr is stuck (nobody reads it); what is still queued is lost.
+        """
+        if not self._thread.is_alive():
+            return True
+        try:
+            self.records.put(None, timeout=timeout)
+        except queue.Full:
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def one_line(text: str) -> str:

@@ -7,7 +7,9 @@ import contextlib
 import os
 import re
 import resource
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +18,21 @@ import pytest
 
 from support import (
     HOST,
+    WAIT,
     Proxy,
     assert_no_crash,
     config_text,
+    connect,
+    free_port,
     metric,
+    recv_all,
     redis,
     redis_cli,
     replicaproxy,
     require_binary,
     run_proxy,
     running,
+    sink,
 )
 
 #: The health settings of the tests that want checks running: two failures 0.2 s apart.
@@ -284,3 +291,54 @@ def test_1000_idle_clients_are_closed_by_idle_timeout(tmp_path: Path) -> None:
             f"{max(waited):.2f} s after connecting (idle_timeout {idle} s), all gone "
             f"{time.monotonic() - started:.2f} s after the first connect"
         )
+
+
+def test_a_log_nobody_reads_never_stops_the_proxy(tmp_path: Path) -> None:
+    """stderr is a pipe nobody reads: once it is full, serving goes on, and so does a stop.
+
+    (Each session writes an access line; a 64 KiB pipe holds about 400 of them. Written
+    on the event loop's thread, the proxy stopped there, every session with it.)
+    """
+    sessions = 1500
+    port = free_port()
+    unread, stderr = os.pipe()
+    with sink("p") as (_, primary):
+        proc = subprocess.Popen(
+            replicaproxy(
+                "run",
+                "--listen",
+                f"{HOST}:{port}",
+                "--primary",
+                f"{HOST}:{primary}",
+                "--state-file",
+                str(tmp_path / "state.json"),
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        os.close(stderr)
+        try:
+            deadline = time.monotonic() + WAIT
+            while True:  # ready: it accepts (its "listening on" line is in the pipe)
+                try:
+                    socket.create_connection((HOST, port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the proxy never listened"
+                    time.sleep(0.05)
+            for i in range(sessions):
+                with connect(port, timeout=5) as s:
+                    s.sendall(b"x")
+                    s.shutdown(socket.SHUT_WR)
+                    assert recv_all(s, timeout=5).startswith(b"1 "), f"session {i}"
+            stopping = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=WAIT) == 0
+            # Bounded: the log writer gives up on the stuck pipe after 2 s.
+            assert time.monotonic() - stopping < 10
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(unread)
