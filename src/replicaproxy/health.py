@@ -126,6 +126,17 @@ class HealthChecker:
                 await t
         self._tasks.clear()
 
+    def _record(self, name: str, state: HealthState, error: str | None) -> None:
+        """Count one check's result; tell ``on_change`` when the health flips."""
+        if error is not None:
+            self.last_error[name] = error
+        changed = state.record(error is None)
+        if changed is not None:
+            try:
+                self._on_change(name, changed, error or "check passed")
+            except Exception:
+                log.exception("health: handling %s going %s failed", name, changed)
+
     async def _loop(self, name: str) -> None:
         address = self.addresses[name]
         state = self.states[name]
@@ -133,16 +144,7 @@ class HealthChecker:
         while True:
             started = loop.time()
             error = await probe(address, self.config)
-            if error == LOCAL_FAILURE:
-                await asyncio.sleep(self.config.interval)
-                continue
-            if error is not None:
-                self.last_error[name] = error
-            changed = state.record(error is None)
-            if changed is not None:
-                try:
-                    self._on_change(name, changed, error or "check passed")
-                except Exception:
-                    log.exception("health: handling %s going %s failed", name, changed)
+            if error != LOCAL_FAILURE:  # this machine's shortage counts neither way
+                self._record(name, state, error)
             # Checks start `interval` apart, however long each took.
             await asyncio.sleep(max(0.0, self.config.interval - (loop.time() - started)))
