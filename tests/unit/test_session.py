@@ -51,7 +51,8 @@ class Harness:
     """Feeds events to a session and records what each endpoint was sent."""
 
     session: Session
-    #: Data events by the driver's shortcuts (client_data, upstream_data), not handle().
+    #: Data events the driver's way: its shortcuts first (routed, passed, checked),
+    #: handle() only for what they leave.
     hot: bool = False
     actions: list[Action] = field(default_factory=list)
     written: dict[str, bytearray] = field(default_factory=lambda: defaultdict(bytearray))
@@ -75,11 +76,15 @@ class Harness:
         return self.record(self.session.start())
 
     def __call__(self, event: Event) -> list[Action]:
-        if self.hot and type(event) is ClientData:
-            return self.record(self.session.client_data(event.data))
+        s = self.session
+        if self.hot and type(event) is ClientData and (route := s.routed(event.data)):
+            return self.record([WriteAll(route, event.data)])
         if self.hot and type(event) is UpstreamData:
-            return self.record(self.session.upstream_data(event.name, event.data))
-        return self.record(self.session.handle(event))
+            if s.passed(event.name, event.data):
+                return self.record([Write(CLIENT, event.data)])
+            if s.checked(event.name, event.data):
+                return self.record([])
+        return self.record(s.handle(event))
 
     def of(self, kind: type[Action]) -> list[Action]:
         return [a for a in self.actions if isinstance(a, kind)]
@@ -487,7 +492,7 @@ def test_the_hot_path_does_exactly_what_handle_does(
     short: int,
     client_gone: int | None,
 ) -> None:
-    """client_data / upstream_data (the driver's shortcuts) = handle(), action for action.
+    """The driver's shortcuts (routed, passed, checked, then handle) = handle() alone.
 
     Over replicas and a shadow ahead of and behind the primary, a window small enough
     to pause the primary and lose comparisons, a replica that diverges, one that

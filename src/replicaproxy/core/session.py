@@ -270,8 +270,8 @@ class Session:
         """The client's ``data`` goes to every upstream of the route this returns.
 
         The fastest form of ``handle(ClientData(data))``, with no action to carry
-        out but those writes. None: nothing was done; hand the data to
-        :meth:`client_data` (an upstream is connecting, held back or gone).
+        out but those writes. None: nothing was done; hand the data to :meth:`handle`
+        (an upstream is connecting, held back or gone).
         """
         route = self._route
         if route is None or self.finished:
@@ -283,23 +283,13 @@ class Session:
             u.fed += n
         return route
 
-    def upstream_data(self, name: str, data: bytes) -> list[Action]:
-        """The hot path's shortcut for ``handle(UpstreamData(name, data))``."""
-        if self.passed(name, data):
-            return [Write(CLIENT, data)]
-        if self.finished or self.checked(name, data):
-            return []
-        actions: list[Action] = []
-        self._on_upstream_data_named(name, data, actions)
-        return actions
-
     def passed(self, name: str, data: bytes) -> bool:
         """True: the primary's ``data`` goes to the client as it is; nothing else to do.
 
         The fastest form of ``handle(UpstreamData(name, data))`` in async mode, while
         no compared mirror is ahead of the primary or near the end of the compare
         window: the bytes are kept for the mirrors to be compared with, and pass.
-        False: nothing was done; hand the data to :meth:`upstream_data`.
+        False: nothing was done; try :meth:`checked`, then :meth:`handle`.
         """
         p = self._primary
         if (
@@ -336,8 +326,8 @@ class Session:
 
         The fastest form of ``handle(UpstreamData(name, data))`` in async mode, for a
         mirror behind the primary (the usual case: its input waits for the flush tick)
-        whose bytes match. False: nothing was done (a mismatch is reported by
-        :meth:`upstream_data`).
+        whose bytes match. False: nothing was done; hand the data to :meth:`handle`
+        (which reports a mismatch).
         """
         r = self._ups[name]
         if (
@@ -534,10 +524,8 @@ class Session:
         return any(u.held for u in self._feeding)
 
     def _on_upstream_data(self, event: UpstreamData, actions: list[Action]) -> None:
-        self._on_upstream_data_named(event.name, event.data, actions)
-
-    def _on_upstream_data_named(self, name: str, data: bytes, actions: list[Action]) -> None:
-        u = self._ups[name]
+        u = self._ups[event.name]
+        data = event.data
         if u is self._primary:
             self._primary_output(data, actions)
         elif u.compared:

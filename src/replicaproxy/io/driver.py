@@ -227,7 +227,7 @@ class SessionDriver:
             return
         route = self.session.routed(data)
         if route is None:
-            self._dispatch(self.session.client_data, data)
+            self._dispatch(self.session.handle, ClientData(data))
         else:
             self._forward(route, data)
 
@@ -238,7 +238,7 @@ class SessionDriver:
         elif self.session.passed(name, data):
             self._forward(_TO_CLIENT, data)
         elif not self.session.checked(name, data):
-            self._dispatch(self.session.upstream_data, name, data)
+            self._dispatch(self.session.handle, UpstreamData(name, data))
 
     def _forward(self, targets: tuple[str, ...], data: bytes) -> None:
         """Write data the session routed, then handle what the writes reported.
