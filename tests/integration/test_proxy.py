@@ -232,6 +232,33 @@ role = "primary"
             px.wait_for(r"outcome=idle_timeout")
 
 
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_a_busy_client_is_not_idle(tmp_path: Path, replicas: int) -> None:
+    """Bytes that only the driver counts (its hot path) still count as activity."""
+    with sink("primary", echo=True) as (_, p_port), sink("r", echo=True) as (_, r_port):
+        replica = f'[[backend]]\nname = "r"\naddress = "{HOST}:{r_port}"\nrole = "replica"\n'
+        config = write_config(
+            tmp_path,
+            f"""
+[proxy]
+idle_timeout = "300ms"
+[[backend]]
+name = "p"
+address = "{HOST}:{p_port}"
+role = "primary"
+{replica * replicas}""",
+        )
+        with proxy("--config", config) as (px, port), connect(port) as s:
+            started = time.monotonic()
+            for _ in range(100_000):  # round trips for 1.2 s: four idle timeouts
+                echo_round_trip(s, b"ping")
+                if time.monotonic() - started > 1.2:
+                    break
+            assert not any("outcome=idle_timeout" in line for line in px.lines)
+            assert recv_all(s, timeout=5) == b""  # and once it stops, it is idle
+            px.wait_for(r"outcome=idle_timeout")
+
+
 def test_max_connections_refuses_at_once(tmp_path: Path) -> None:
     with sink("primary") as (_, p_port):
         config = write_config(

@@ -166,6 +166,40 @@ class Session:
     actions to carry out, in order.
     """
 
+    # Less memory per idle session, and a misspelt attribute fails at once.
+    __slots__ = (
+        "_client_closing",
+        "_client_pause",
+        "_ending",
+        "_eof_forwarded",
+        "_eof_pending",
+        "_feeding",
+        "_frontier",
+        "_gate_open",
+        "_half_window",
+        "_linger_started",
+        "_mirrors",
+        "_primary",
+        "_primary_lost",
+        "_primary_pause",
+        "_promoting",
+        "_replica_timer",
+        "_route",
+        "_sync",
+        "_ups",
+        "_window",
+        "_window_base",
+        "client_closed",
+        "client_eof",
+        "delivered",
+        "finished",
+        "limits",
+        "outcome",
+        "promoted",
+        "received",
+        "takeovers",
+    )
+
     def __init__(self, members: Sequence[Member], limits: Limits | None = None) -> None:
         primaries = [m for m in members if m.role == "primary"]
         if len(primaries) != 1:
@@ -174,6 +208,7 @@ class Session:
         if len(set(names)) != len(names) or CLIENT in names:
             raise ValueError(f"member names must be distinct: {names}")
         self.limits = limits or Limits()
+        self._half_window = self.limits.compare_window // 2
         self._ups: dict[str, _Upstream] = {m.name: _Upstream(m) for m in members}
         self._primary = self._ups[primaries[0].name]
         # Upstreams that still get input, primary first (the order of writes).
@@ -235,6 +270,10 @@ class Session:
         """Input bytes held in the session for ``name`` until it connects."""
         return self._ups[name].held_size
 
+    def progress(self) -> int:
+        """Bytes read so far from the client and every upstream: unchanged means idle."""
+        return self.received + sum(u.out for u in self._ups.values())
+
     @property
     def members(self) -> list[str]:
         return list(self._ups)
@@ -261,63 +300,95 @@ class Session:
 
     def client_data(self, data: bytes) -> list[Action]:
         """The hot path's shortcut for ``handle(ClientData(data))``."""
-        route = self.routed(data)
+        route = self.route()
         if route is not None:
+            self.count_input(len(data))
             return [WriteAll(route, data)]
         return self.handle(ClientData(data))
 
-    def routed(self, data: bytes) -> tuple[str, ...] | None:
-        """The client's ``data`` goes to every upstream of the route this returns.
+    # Shortcuts for the driver's hot path. route() and passes() are questions whose
+    # answers hold until the next handle() (nothing else changes what they read);
+    # while they hold, the driver moves chunks by itself and tells the session only
+    # how many bytes moved, with count_input() and count_output(), before anything
+    # else. passed() and checked() are per chunk. A property test holds every
+    # composition of them to handle() alone.
 
-        The fastest form of ``handle(ClientData(data))``, with no action to carry
-        out but those writes. None: nothing was done; hand the data to :meth:`handle`
-        (an upstream is connecting, held back or gone).
+    def route(self) -> tuple[str, ...] | None:
+        """Where every client byte goes for now; None: hand client data to :meth:`handle`.
+
+        While it holds, each chunk is written to every upstream of the route, in its
+        order, and counted with :meth:`count_input`.
         """
-        route = self._route
-        if route is None or self.finished:
-            return None
-        # Every upstream connected and taking input: one stream, to all of them.
-        n = len(data)
+        return None if self.finished else self._route
+
+    def count_input(self, n: int) -> None:
+        """``n`` client bytes went the way :meth:`route` said (one chunk or many)."""
         self.received += n
         for u in self._feeding:
             u.fed += n
-        return route
+
+    def passes(self) -> bool:
+        """Whether the primary's output goes straight to the client for now.
+
+        True in async mode while no mirror is compared with the primary, the primary
+        repeats nothing and the client is there: each chunk of the primary's is
+        written to the client and counted with :meth:`count_output`.
+        """
+        p = self._primary
+        return not (
+            self._sync
+            or self.finished
+            or p.out != self._frontier
+            or self._client_gone()
+            or self._window
+            or any(r.compared for r in self._mirrors)
+        )
+
+    def count_output(self, n: int) -> None:
+        """``n`` bytes of the primary's went to the client, as :meth:`passes` said."""
+        end = self._primary.out + n
+        self._primary.out = self._frontier = self.delivered = self._window_base = end
 
     def passed(self, name: str, data: bytes) -> bool:
         """True: the primary's ``data`` goes to the client as it is; nothing else to do.
 
         The fastest form of ``handle(UpstreamData(name, data))`` in async mode, while
         no compared mirror is ahead of the primary or near the end of the compare
-        window: the bytes are kept for the mirrors to be compared with, and pass.
+        window: the bytes are kept for the mirrors to be compared with, and pass
+        (with no compared mirror at all, :meth:`passes` is faster still).
         False: nothing was done; try :meth:`checked`, then :meth:`handle`.
         """
         p = self._primary
+        start = p.out
         if (
             p.name != name
             or self._sync
             or self.finished
-            or p.out != self._frontier  # a new primary still repeating the stream
-            or self._client_gone()
+            or start != self._frontier  # a new primary still repeating the stream
+            or self._client_closing  # (_client_gone(), inline: this runs per chunk)
+            or self.client_closed
         ):
             return False
-        start = p.out
         end = start + len(data)
         lowest = end  # the output of the compared mirror furthest behind
         for r in self._mirrors:
             if r.compared:
-                if r.out > start or r.eof_received:
+                out = r.out
+                if out > start or r.eof_received:
                     return False  # ahead (compare now) or ended (maybe early)
-                lowest = min(lowest, r.out)
+                if out < lowest:  # noqa: PLR1730 (min() would be a call per chunk)
+                    lowest = out
+        window = self._window
         if lowest == end:
-            if self._window:
+            if window:
                 return False  # (cleared by the next trim)
             self._window_base = end
-        elif end - lowest > self.limits.compare_window // 2 or "window" in self._primary_pause:
+        elif end - lowest > self._half_window or "window" in self._primary_pause:
             return False  # the window's bound is near: pause or resume the primary
         else:
-            if not self._window:
+            if not window:
                 self._window_base = start
-            self._window += data
+            window += data
         p.out = self._frontier = self.delivered = end
         return True
 
@@ -342,7 +413,8 @@ class Session:
         end = start + len(data)
         frontier = self._frontier
         base = self._window_base
-        if end > frontier or not _same(self._window, start - base, data, 0, len(data)):
+        # _same(window, start - base, data, 0, len(data)), inline: this runs per chunk.
+        if end > frontier or not self._window.startswith(data, start - base):
             return False
         r.out = end
         # Within the window's bound (no pause above): only its front may go.
@@ -570,7 +642,7 @@ class Session:
                 if not self._compare(r, start, data, 0, r.ahead, 0, k, actions):
                     continue
                 del r.ahead[:k]
-                if r.read_paused and len(r.ahead) <= self.limits.compare_window // 2:
+                if r.read_paused and len(r.ahead) <= self._half_window:
                     r.read_paused = False
                     actions.append(ResumeReading(r.name))
             if r.out < self._frontier and r.eof_received:
@@ -746,7 +818,7 @@ class Session:
                             f"the primary's (at {r.out} of {frontier})",
                         )
                     )
-        if frontier - need <= self.limits.compare_window // 2:
+        if frontier - need <= self._half_window:
             self._resume_primary("window", actions)
         drop = need - self._window_base
         if drop > 0:

@@ -78,9 +78,6 @@ def _describe(exc: BaseException | None) -> str | None:
     return None if exc is None else describe_error(exc)
 
 
-_TO_CLIENT = (CLIENT,)
-
-
 class Flusher:
     """Writes to replicas and shadows in batches, on one shared tick.
 
@@ -96,6 +93,7 @@ class Flusher:
         self._handle: asyncio.TimerHandle | None = None
 
     def mark(self, driver: SessionDriver) -> None:
+        """``driver`` holds input back: flush it on the next tick (once per tick)."""
         self._dirty.add(driver)
         if self._handle is None:
             self._handle = driver.loop.call_later(self.interval, self._tick)
@@ -132,22 +130,33 @@ class SessionDriver:
         peer = client.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._transports: dict[str, asyncio.Transport] = {CLIENT: client}
+        self._to_client = (client,)
         self._connecting: dict[str, asyncio.Task[None]] = {}
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
         self._queue: deque[Event] = deque()
         self._dispatching = False
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
-        # Bumped per chunk; the idle check compares it instead of reading the clock
-        # per chunk (IDLE_CHECKS checks per idle_timeout: idle is seen within 1/4).
-        self.activity = 0
-        self._seen_activity = 0
+        # The idle check compares the session's byte counts instead of reading the
+        # clock per chunk (IDLE_CHECKS checks per idle_timeout: idle is seen within 1/4).
+        self._seen_progress = 0
         self._quiet_since = self.loop.time()
         self._idle_handle: asyncio.TimerHandle | None = None
         self.finished = asyncio.Event()
         self._flusher = flusher
         self._batched: set[str] = set()  # upstreams whose writes wait for the tick
-        self._deferred: dict[str, list[bytes]] = {}
+        self._deferred: dict[str, list[bytes]] = {}  # their input until then
+        self._marked = False  # the flusher knows this session holds input back
+        # The hot path (see _plan): while the session's route holds, client data
+        # is written to _now and queued in _later, and only counted in _in; while
+        # the primary's output passes, data from _out_name goes to the client and
+        # is counted in _out. settle() gives the session the counts.
+        self._now: tuple[asyncio.Transport, ...] | None = None
+        self._later: tuple[list[bytes], ...] = ()
+        self._in = 0
+        self._out_name: str | None = None
+        self._out = 0
+        self._primary_name: str | None = None  # (None: ask checked() first; it knows)
 
     # ---------------------------------------------------------------- events
 
@@ -174,16 +183,30 @@ class SessionDriver:
     def _dispatch(self, step: Callable[..., list[Action]], *args: object) -> None:
         """Run one step of the session and every event queued meanwhile."""
         self._dispatching = True
+        self.settle()
+        self._now = self._out_name = None  # until the step is done and _plan says again
         try:
             self._run(step(*args))
-            while self._queue:
-                self._run(self.session.handle(self._queue.popleft()))
+            self._drain()
         except Exception:
-            # A bug, not a peer's fault: say so loudly, then don't leave sockets behind.
-            log.exception("session %d: internal error; closing the session", self.sid)
-            self._teardown("internal_error")
+            self._crashed()
         finally:
             self._dispatching = False
+
+    def _drain(self) -> None:
+        """Handle the events queued while dispatching, then plan the hot path again."""
+        while self._queue:
+            self._run(self.session.handle(self._queue.popleft()))
+        self._plan()
+
+    def settle(self) -> None:
+        """Tell the session what the hot path moved without it."""
+        if self._in:
+            self.session.count_input(self._in)
+            self._in = 0
+        if self._out:
+            self.session.count_output(self._out)
+            self._out = 0
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -191,8 +214,10 @@ class SessionDriver:
 
     def _check_idle(self) -> None:
         now = self.loop.time()
-        if self.activity != self._seen_activity:
-            self._seen_activity = self.activity
+        self.settle()
+        progress = self.session.progress()
+        if progress != self._seen_progress:
+            self._seen_progress = progress
             self._quiet_since = now
         elif now - self._quiet_since >= self._idle_timeout:
             self._idle_handle = None
@@ -213,34 +238,87 @@ class SessionDriver:
 
     def flush(self, target: str | None = None) -> None:
         """Write out the batched input of ``target`` (of every upstream: None)."""
-        names = list(self._deferred) if target is None else [target]
+        if target is None:
+            self._marked = False
+            names = list(self._deferred)
+        else:
+            names = [target]
         for name in names:
-            chunks = self._deferred.pop(name, None)
+            chunks = self._deferred.get(name)
+            if not chunks:
+                continue
+            batch = chunks.copy()
+            chunks.clear()  # the list itself stays: the plan appends to it
             t = self._transports.get(name)
-            if chunks and t is not None and not t.is_closing():
-                t.writelines(chunks)
+            if t is not None and not t.is_closing():
+                t.writelines(batch)
 
     def client_data(self, data: bytes) -> None:
-        """ClientData, by the session's shortest way when nothing else is going on."""
-        if self._dispatching:
-            self._queue.append(ClientData(data))
+        """ClientData: by the plan while the session's route holds, else by the session."""
+        now = self._now
+        if now is None:
+            if self._dispatching:
+                self._queue.append(ClientData(data))
+            else:
+                self._dispatch(self.session.handle, ClientData(data))
             return
-        route = self.session.routed(data)
-        if route is None:
-            self._dispatch(self.session.handle, ClientData(data))
-        else:
-            self._forward(route, data)
+        self._in += len(data)
+        later = self._later
+        if later:  # the batched upstreams: their copy waits for the tick
+            for chunks in later:
+                chunks.append(data)
+            if not self._marked:
+                self._marked = True
+                assert self._flusher is not None
+                self._flusher.mark(self)
+        self._forward(now, data)
 
     def upstream_data(self, name: str, data: bytes) -> None:
-        """UpstreamData, by the session's shortest way when nothing else is going on."""
-        if self._dispatching:
+        """UpstreamData: by the plan while the primary's output passes, else the shortest way.
+
+        That is: passed() for the primary's, checked() for a mirror's, and handle()
+        for what they leave.
+        """
+        if name == self._out_name:
+            self._out += len(data)
+            self._forward(self._to_client, data)
+        elif self._dispatching:
             self._queue.append(UpstreamData(name, data))
-        elif self.session.passed(name, data):
-            self._forward(_TO_CLIENT, data)
+        elif name == self._primary_name:
+            if self.session.passed(name, data):
+                self._forward(self._to_client, data)
+            else:
+                self._dispatch(self.session.handle, UpstreamData(name, data))
         elif not self.session.checked(name, data):
             self._dispatch(self.session.handle, UpstreamData(name, data))
 
-    def _forward(self, targets: tuple[str, ...], data: bytes) -> None:
+    def _plan(self) -> None:
+        """Ask the session which ways hold until its next event, and prepare them.
+
+        Run after every step of the session. A transport the loop closed by itself
+        since stays in the plan until its ``connection_lost`` arrives; ``_forward``
+        skips it.
+        """
+        s = self.session
+        route = s.route()
+        if route is None:
+            self._now = None
+        else:
+            now: list[asyncio.Transport] = []
+            later: list[list[bytes]] = []
+            for name in route:
+                if name in self._batched:
+                    later.append(self._deferred.setdefault(name, []))
+                else:
+                    t = self._transports.get(name)
+                    if t is not None and not t.is_closing():
+                        now.append(t)
+            self._now = tuple(now)
+            self._later = tuple(later)
+        self._primary_name = s.primary
+        self._out_name = self._primary_name if s.passes() else None
+
+    def _forward(self, targets: tuple[asyncio.Transport, ...], data: bytes) -> None:
         """Write data the session routed, then handle what the writes reported.
 
         (``_dispatch`` with a step that writes would do the same; measured side by
@@ -249,25 +327,37 @@ class SessionDriver:
         """
         self._dispatching = True  # a write may report WriteBlocked: it waits its turn
         try:
-            for target in targets:
-                self._write(target, data)
-            while self._queue:
-                self._run(self.session.handle(self._queue.popleft()))
+            for t in targets:
+                try:
+                    t.write(data)
+                except RuntimeError:
+                    if not t.is_closing():  # closed by the loop; connection_lost follows
+                        raise
+            if self._queue:
+                self._written()
         except Exception:
-            log.exception("session %d: internal error; closing the session", self.sid)
-            self._teardown("internal_error")
+            self._crashed()
         finally:
             self._dispatching = False
 
+    def _written(self) -> None:
+        """Handle what the writes reported (they waited in the queue)."""
+        self.settle()
+        self._now = self._out_name = None
+        self._drain()
+
+    def _crashed(self) -> None:
+        # A bug, not a peer's fault: say so loudly, then don't leave sockets behind.
+        log.exception("session %d: internal error; closing the session", self.sid)
+        self._teardown("internal_error")
+
     def _write(self, target: str, data: bytes) -> None:
         if target in self._batched:
-            queued = self._deferred.get(target)
-            if queued is None:
-                self._deferred[target] = [data]
+            self._deferred.setdefault(target, []).append(data)
+            if not self._marked:
+                self._marked = True
                 assert self._flusher is not None
                 self._flusher.mark(self)
-            else:
-                queued.append(data)
             return
         t = self._transports.get(target)
         if t is not None and not t.is_closing():
@@ -304,7 +394,9 @@ class SessionDriver:
             if t is not None:
                 t.close()
         elif isinstance(action, Abort):
-            self._deferred.pop(action.target, None)
+            dropped = self._deferred.pop(action.target, None)
+            if dropped:
+                dropped.clear()
             self._batched.discard(action.target)
             self._abort(action.target)
         elif isinstance(action, StartTimer):
@@ -400,7 +492,9 @@ class SessionDriver:
     def _finish(self, outcome: str) -> None:
         if self._flusher is not None:
             self._flusher.forget(self)
-        self._deferred.clear()
+        self._marked = True  # nothing is held back any more, nor will be
+        for chunks in self._deferred.values():
+            chunks.clear()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -413,6 +507,8 @@ class SessionDriver:
 
     def _teardown(self, outcome: str) -> None:
         """Last resort after a bug: abort every connection, end the session."""
+        self._now = self._out_name = None
+        self.settle()
         for task in list(self._connecting.values()):
             task.cancel()
         for t in self._transports.values():
@@ -446,7 +542,6 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         d = self.driver
         if d is not None:
-            d.activity += 1
             d.client_data(data)
 
     def eof_received(self) -> bool:
@@ -480,9 +575,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.driver.attach(self.name, cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
-        d = self.driver
-        d.activity += 1
-        d.upstream_data(self.name, data)
+        self.driver.upstream_data(self.name, data)
 
     def eof_received(self) -> bool:
         self.driver.feed(UpstreamEof(self.name))
