@@ -582,6 +582,7 @@ class Server:
         view = self.view
         in_session: dict[str, int] = {}
         for driver in self.sessions:
+            self._account(driver)  # byte totals as of now, not of the last tick
             for name in driver.session.members:
                 if driver.session.in_session(name):
                     in_session[name] = in_session.get(name, 0) + 1
@@ -818,6 +819,7 @@ class Server:
 
     def _account(self, driver: SessionDriver) -> None:
         """Add what a session moved since it was last counted to the totals."""
+        driver.settle()
         s = driver.session
         seen = self._reported.setdefault(driver, {})
         for name in s.members:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import signal
 import socket
 import urllib.error
@@ -63,6 +65,39 @@ def test_metrics_has_every_family_with_real_numbers(tmp_path: Path) -> None:
             assert 'replicaproxy_bytes_total{backend="r",direction="to_backend"} 56.0' in text
             assert 'replicaproxy_client_bytes_total{direction="to_client"} 4.0' in text
             assert 'replicaproxy_connect_seconds_count{backend="p"} 1.0' in text
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_byte_counts_are_exact_for_bytes_that_go_the_fast_way(
+    tmp_path: Path, replicas: int
+) -> None:
+    """The hot path only counts what it moves; the counts reach the session exactly.
+
+    Live (the totals of /status, while the session is open) and at the end (the
+    access log), with no replica (the primary's output passes by count)
+    and with one (compared, its input batched on the flush tick).
+    """
+    rng = random.Random(6)
+    sizes = [rng.randint(1, 3000) for _ in range(300)]
+    total = sum(sizes)
+    with sink("p", echo=True) as (pproc, pp), sink("r", echo=True) as (rproc, rp):
+        backends = [("p", pp, "primary")] + [("r", rp, "replica")] * replicas
+        config = config_text(tmp_path, backends)
+        with run_proxy(config) as px, connect(px.port) as s:
+            for n in sizes:
+                echo_round_trip(s, rng.randbytes(n))
+            with urllib.request.urlopen(f"http://{px.admin}/status", timeout=WAIT) as r:
+                live = json.loads(r.read())["client_bytes"]
+            assert live == {"from_client": total, "to_client": total}
+            s.shutdown(socket.SHUT_WR)
+            summary = recv_all(s)  # the sink's "<bytes> <sha256>" line
+            assert summary.startswith(f"{total} ".encode())
+            line = px.proc.wait_for(r"outcome=ok").string
+            counts = re.search(r"from_client=(\d+) to_client=(\d+)", line)
+            assert counts is not None, line
+            assert (int(counts[1]), int(counts[2])) == (total, total + len(summary))
+            for proc in [pproc, rproc][: 1 + replicas]:  # (health checks' are "conn 0")
+                proc.wait_for(rf"conn {total} [0-9a-f]{{64}} eof")
 
 
 def test_sighup_adds_a_replica_without_dropping_a_live_session(tmp_path: Path) -> None:
