@@ -7,11 +7,17 @@ thread), ``rp0``/``rp1``/``rp2`` (replicaproxy, async mode, 0/1/2 replicas) and
 round (so a slow phase of a busy machine hits them alike), several rounds, medians.
 
     python bench/run.py [--quick] [--rounds N] [--only SETUP,...] [--workloads W,...]
+                        [--baseline DIR]
+
+With ``--baseline DIR`` (a checkout of another commit, e.g. from ``git worktree add``)
+each replicaproxy setup also runs from ``DIR/src``, as ``rp1@base`` and so on, in the
+same rounds: a change measured against what it changed, side by side.
 
 Results: a markdown table on stdout and ``bench/results/{latest,quick}.{md,json,png}``
-(a run of a subset writes ``partial.*``). Never an assertion: targets are reported
-PASS/FAIL and the exit status is 0 whatever they say; it is non-zero only when the
-benchmark itself could not run (a missing program, a process that died).
+(a run of a subset writes ``partial.*``, a run with a baseline ``compare.*``). Never an
+assertion: targets are reported PASS/FAIL and the exit status is 0 whatever they say;
+it is non-zero only when the benchmark itself could not run (a missing program, a
+process that died).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ WAIT = 30.0
 SETUPS = ("direct", "haproxy", "rp0", "rp1", "rp2", "rp1sync")
 #: (replicas, mode) of each replicaproxy setup.
 PROXIES = {"rp0": (0, "async"), "rp1": (1, "async"), "rp2": (2, "async"), "rp1sync": (1, "sync")}
+#: The suffix of a setup run from the --baseline checkout.
+BASE = "@base"
 WORKLOADS = {
     "rr": "redis-benchmark SET+GET, 50 connections, no pipelining",
     "p16": "redis-benchmark SET+GET, 50 connections, 16 requests pipelined",
@@ -102,10 +110,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads), from /proc/PID/stat."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of process ``pid`` (all its threads), from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14, 15)
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime (fields 14, 15)
 
 
 def rss_kib(pid: int) -> int:
@@ -123,6 +131,7 @@ class Child:
     args: list[str]
     port: int
     log: Path
+    env: dict[str, str] | None = None
     popen: subprocess.Popen[bytes] = field(init=False)
     log_seen: int = 0
     #: A replicaproxy's state file, removed on restart so it starts with every replica in sync.
@@ -138,6 +147,7 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=self.env,
                 start_new_session=True,  # its own group: stop() kills what it started too
             )
 
@@ -202,8 +212,15 @@ class Processes:
         self.tmp = tmp
         self.children: list[Child] = []
 
-    def start(self, name: str, args: list[str], port: int, state: Path | None = None) -> Child:
-        child = Child(name, args, port, self.tmp / f"{name}.log", state_file=state)
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        state: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Child:
+        child = Child(name, args, port, self.tmp / f"{name}.log", env, state_file=state)
         self.children.append(child)
         return child
 
@@ -253,7 +270,14 @@ def haproxy_config(port: int, server: int, maxconn: int) -> str:
     )
 
 
-def build(procs: Processes, kind: str, setups: list[str], maxconn: int) -> dict[str, Target]:
+def replicas(setup: str) -> int:
+    """How many replicas a setup has (0 for direct and HAProxy)."""
+    return PROXIES.get(setup.removesuffix(BASE), (0, ""))[0]
+
+
+def build(
+    procs: Processes, kind: str, setups: list[str], maxconn: int, baseline: Path | None
+) -> dict[str, Target]:
     """Start the servers (``kind`` redis or sink) and a proxy for each setup (not waited).
 
     Each setup has servers of its own: a Redis primary written to directly or through
@@ -288,14 +312,18 @@ def build(procs: Processes, kind: str, setups: list[str], maxconn: int) -> dict[
             child = procs.start(name, [program("haproxy"), "-f", str(cfg), "-db"], port)
             targets[setup] = Target(setup, port, child)
             continue
-        count, mode = PROXIES[setup]
+        count, mode = PROXIES[setup.removesuffix(BASE)]
+        env = None
+        if setup.endswith(BASE):
+            assert baseline is not None
+            env = {**os.environ, "PYTHONPATH": str(baseline / "src")}
         state = tmp / f"{name}.state.json"
         args = [sys.executable, "-m", "replicaproxy", "run",
                 "--listen", f"{HOST}:{port}", "--primary", f"{HOST}:{primary.port}",
                 "--mode", mode, "--state-file", str(state), "--log-level", "warning"]  # fmt: skip
         for i in range(count):
             args += ["--replica", f"{HOST}:{server(f'{name}-replica{i + 1}').port}"]
-        targets[setup] = Target(setup, port, procs.start(name, args, port, state))
+        targets[setup] = Target(setup, port, procs.start(name, args, port, state, env))
     return targets
 
 
@@ -381,14 +409,20 @@ def idle_sessions(target: Target, count: int) -> dict[str, float]:
 
 
 def measure(target: Target, units: float, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """Run ``fn``; add the proxy's CPU time for it, per unit (request, MiB, connection)."""
+    """Run ``fn``; add the proxy's CPU time for it, per unit (request, MiB, connection).
+
+    User time apart too: the proxy's own code, where system time is mostly the
+    kernel's TCP work on loopback (both ends of it), alike for every proxy.
+    """
     pid = target.proxy.popen.pid if target.proxy else None
-    c0 = cpu_seconds(pid) if pid else 0.0
+    user0, sys0 = cpu_seconds(pid) if pid else (0.0, 0.0)
     result = fn()
     if pid:
-        cpu = cpu_seconds(pid) - c0
+        user1, sys1 = cpu_seconds(pid)
+        cpu = user1 - user0 + sys1 - sys0
         result["cpu_s"] = cpu
         result["cpu_us_per_unit"] = cpu / units * 1e6
+        result["user_us_per_unit"] = (user1 - user0) / units * 1e6
     return result
 
 
@@ -439,6 +473,8 @@ class Outcome:
     #: dropped from a session or marked stale makes its setup's numbers suspect.
     warnings: dict[str, list[str]] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
+    #: The --baseline checkout and its commit, if any.
+    baseline: str = ""
 
     def get(self, setup: str, work: str, key: str) -> float | None:
         return self.medians.get(setup, {}).get(work, {}).get(key)
@@ -474,15 +510,16 @@ def collect_warnings(out: Outcome, target: Target, where: str) -> bool:
 
 def run(out: Outcome, procs: Processes) -> None:
     plan, setups = out.plan, out.setups
+    base = Path(out.baseline.split(" ")[0]) if out.baseline else None
     redis_work = [w for w in out.workloads if w in REDIS_WORKLOADS]
     maxconn = HAPROXY_MAXCONN
     if "idle" in out.workloads:
         maxconn = max(maxconn, plan.idle_sessions + 100)
     worlds: dict[str, dict[str, Target]] = {}
     if redis_work:
-        worlds["redis"] = build(procs, "redis", setups, maxconn)
+        worlds["redis"] = build(procs, "redis", setups, maxconn, base)
     if "bulk" in out.workloads:
-        worlds["sink"] = build(procs, "sink", setups, maxconn)
+        worlds["sink"] = build(procs, "sink", setups, maxconn, base)
     progress(f"starting {len(procs.children)} servers and proxies")
     procs.wait_ready()
 
@@ -514,7 +551,7 @@ def run(out: Outcome, procs: Processes) -> None:
             for setup in setups:
                 target = world[setup]
                 sample = run_workload(work, target, plan)
-                if setup in PROXIES and PROXIES[setup][0]:
+                if replicas(setup):
                     # 1: a replica left (stale): this run was not fully mirrored.
                     sample["replica_dropped"] = float(settle(target, f"round {rnd} {work}"))
                 else:
@@ -656,6 +693,9 @@ def table(out: Outcome) -> str:
             fmt(ratio(c, g("haproxy", work, "cpu_us_per_unit")), ".2f"),
         ]
 
+    def user(s: str, work: str, spec: str = ".1f") -> str:
+        return fmt(g(s, work, "user_us_per_unit"), spec)
+
     def rate(s: str, work: str, key: str) -> list[str]:
         v = g(s, work, key)
         return [
@@ -671,15 +711,27 @@ def table(out: Outcome) -> str:
     section(
         f"Request/response: SET+GET, 50 connections, no pipelining ({p.rr_requests:,} each)",
         ["setup", "req/s", "x HAProxy", "x direct", "proxy CPU us/req", "CPU x HAProxy",
-         "p50 ms", "p99 ms", "added p50 us", "added p99 us"],
-        [[name(s, "rr"), *rate(s, "rr", "rps"), *cpu(s, "rr"), fmt(g(s, "rr", "p50_ms"), ".3f"),
+         "of it user us", "p50 ms", "p99 ms", "added p50 us", "added p99 us"],
+        [[name(s, "rr"), *rate(s, "rr", "rps"), *cpu(s, "rr"), user(s, "rr"),
+          fmt(g(s, "rr", "p50_ms"), ".3f"),
           fmt(g(s, "rr", "p99_ms"), ".3f"), added(s, "rr", "p50_ms"), added(s, "rr", "p99_ms")]
          for s in have("rr")],
     )  # fmt: skip
     section(
         f"Pipelined: SET+GET, 50 connections, -P 16 ({p.p16_requests:,} each)",
-        ["setup", "req/s", "x HAProxy", "x direct", "proxy CPU us/req", "CPU x HAProxy"],
-        [[name(s, "p16"), *rate(s, "p16", "rps"), *cpu(s, "p16", ".2f")] for s in have("p16")],
+        [
+            "setup",
+            "req/s",
+            "x HAProxy",
+            "x direct",
+            "proxy CPU us/req",
+            "CPU x HAProxy",
+            "of it user us",
+        ],
+        [
+            [name(s, "p16"), *rate(s, "p16", "rps"), *cpu(s, "p16", ".2f"), user(s, "p16", ".2f")]
+            for s in have("p16")
+        ],
     )
     section(
         f"Latency without queueing: GET, 1 connection ({p.lat_requests:,})",
@@ -739,6 +791,16 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def commit_of(path: Path) -> str:
+    """The short commit of the checkout at ``path`` ("" without git or outside one)."""
+    if shutil.which("git") is None:
+        return ""
+    return subprocess.run(  # read only: which commit was measured
+        ["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, timeout=WAIT, check=False,
+    ).stdout.strip()  # fmt: skip
+
+
 def machine() -> dict[str, str]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -754,12 +816,7 @@ def machine() -> dict[str, str]:
 
     from importlib.metadata import version
 
-    commit = ""
-    if shutil.which("git"):  # read only: which commit was measured
-        commit = subprocess.run(
-            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=WAIT, check=False,
-        ).stdout.strip()  # fmt: skip
+    commit = commit_of(HERE)
     uvloop = version("uvloop") if importlib.util.find_spec("uvloop") else "not installed"
     return {
         "cpus": str(os.cpu_count()),
@@ -784,6 +841,7 @@ def header(out: Outcome) -> str:
         f"uvloop {m['uvloop']}; {m['haproxy'].split(' - ')[0]}; {m['redis'].split(' sha=')[0]}; "
         f"replicaproxy {m['replicaproxy']}. Load average at start {m['load_average_at_start']}, "
         f"at end {m.get('load_average_at_end', '?')}."
+        + (f" Setups marked {BASE} ran from {out.baseline}." if out.baseline else "")
     )
 
 
@@ -814,7 +872,8 @@ def chart(out: Outcome, path: Path) -> None:
         values = [(out.get(s, work, key) or 0.0) * scale for s in names]
         # Hatched: a replica was dropped in some run, so the bar is not fully mirrored.
         hatches = ["//" if out.get(s, work, "replica_dropped") else "" for s in names]
-        bars = ax.bar(names, values, color=[COLORS[s] for s in names], hatch=hatches)
+        colors = [COLORS[s.removesuffix(BASE)] for s in names]
+        bars = ax.bar(names, values, color=colors, hatch=hatches)
         base = out.get("haproxy", work, key)
         if base:
             labels = [f"{v / base:.2f}x" for v in values]
@@ -917,6 +976,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds (default: full 5, quick 2)")
     parser.add_argument("--only", default="", help="comma-separated setups, e.g. haproxy,rp1")
     parser.add_argument("--workloads", default="", help="comma-separated, e.g. rr,bulk")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another commit: its replicaproxy runs too, as rp1@base etc.",
+    )
     args = parser.parse_args(argv)
     for opt, known in (("only", SETUPS), ("workloads", tuple(WORKLOADS))):
         chosen = [x for x in getattr(args, opt).split(",") if x]
@@ -926,6 +990,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         setattr(args, opt, [x for x in known if x in chosen] if chosen else list(known))
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds: at least 1")
+    if args.baseline is not None:
+        if not (args.baseline / "src" / "replicaproxy" / "__init__.py").is_file():
+            parser.error(f"--baseline: no src/replicaproxy in {args.baseline}")
+        args.only = [x for s in args.only for x in ([s, s + BASE] if s in PROXIES else [s])]
     return args
 
 
@@ -937,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     complete = args.only == list(SETUPS) and args.workloads == list(WORKLOADS)
     stem = "partial" if not complete else "quick" if args.quick else "latest"
     out = Outcome("quick" if args.quick else "full", plan, args.only, args.workloads)
+    if args.baseline is not None:
+        stem = "compare"
+        out.baseline = f"{args.baseline} (commit {commit_of(args.baseline)})"
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the finally below still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
