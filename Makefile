@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint unit install clean bench bench-quick
 
-$(STAMP): pyproject.toml
+# setup.py compiles these two with mypyc; an editable install keeps the builds beside
+# them, so an edit means a new build (see src/replicaproxy/compiled.py).
+COMPILED := src/replicaproxy/core/session.py src/replicaproxy/io/driver.py
+
+$(STAMP): pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -18,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/replicaproxy demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench setup.py
+	$(BIN)/ruff format --check src tests bench setup.py
 	$(BIN)/mypy
 
 unit: $(STAMP)
@@ -37,3 +41,4 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find src -name '*.so' -delete

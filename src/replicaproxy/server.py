@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from replicaproxy import compiled
 from replicaproxy.config import (
     Address,
     BackendConfig,
@@ -220,12 +221,19 @@ class Server:
                     f"cannot listen on {admin} (admin API): {exc.strerror or exc}"
                 ) from None
         log.info(
-            "listening on %s (primary %s, %s mode, epoch %d)",
+            "listening on %s (primary %s, %s mode, epoch %d, %s data path)",
             self.bound,
             self.view.primary,
             self.config.proxy.mode,
             self.view.epoch,
+            compiled.data_path(),
         )
+        if stale := compiled.stale():
+            log.warning(
+                "the compiled %s is older than its source, which is not what runs: "
+                "reinstall (make install, or pip install -e .)",
+                " and ".join(stale),
+            )
         self.started.set()
 
     def _load_view(self) -> None:
