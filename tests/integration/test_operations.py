@@ -7,6 +7,7 @@ import random
 import re
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -98,6 +99,31 @@ def test_byte_counts_are_exact_for_bytes_that_go_the_fast_way(
             assert (int(counts[1]), int(counts[2])) == (total, total + len(summary))
             for proc in [pproc, rproc][: 1 + replicas]:  # (health checks' are "conn 0")
                 proc.wait_for(rf"conn {total} [0-9a-f]{{64}} eof")
+
+
+def test_a_big_batch_goes_to_the_replica_before_the_tick(tmp_path: Path) -> None:
+    """Batched replica input past FLUSH_BYTES is written at once, whatever replica_flush.
+
+    With a 30 s tick, a replica sees a 1 MiB stream within seconds (it echoes, so
+    its bytes come back to the proxy and show in /status): a session never holds
+    more than about 64 KiB of a fast client's stream for a replica.
+    """
+    size = 1 << 20
+    with sink("p", echo=True) as (_, pp), sink("r", echo=True) as (_, rp):
+        config = config_text(
+            tmp_path, [("p", pp, "primary"), ("r", rp, "replica")], extra='replica_flush = "30s"'
+        )
+        with run_proxy(config) as px, connect(px.port) as s:
+            echo_round_trip(s, random.Random(1).randbytes(size))
+            deadline = time.monotonic() + 10.0
+            seen = 0
+            for _ in range(10_000):  # each /status brings the byte counts up to date
+                with urllib.request.urlopen(f"http://{px.admin}/status", timeout=WAIT) as r:
+                    backends = json.loads(r.read())["backends"]
+                seen = next(b["bytes_from"] for b in backends if b["name"] == "r")
+                if seen >= size - (64 << 10) or time.monotonic() > deadline:
+                    break
+            assert seen >= size - (64 << 10), f"the replica echoed {seen} of {size} bytes"
 
 
 def test_sighup_adds_a_replica_without_dropping_a_live_session(tmp_path: Path) -> None:
