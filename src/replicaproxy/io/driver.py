@@ -504,6 +504,7 @@ class SessionDriver:
         if self._flusher is not None:
             self._flusher.forget(self)
         self._marked = True  # nothing is held back any more, nor will be
+        self._batch_bytes = 0
         for chunks in self._deferred.values():
             chunks.clear()
         for handle in self._timers.values():
