@@ -188,8 +188,7 @@ class SessionDriver:
     def _dispatch(self, step: Callable[..., list[Action]], *args: object) -> None:
         """Run one step of the session and every event queued meanwhile."""
         self._dispatching = True
-        self.settle()
-        self._now = self._out_name = None  # until the step is done and _plan says again
+        self._unplan()
         try:
             self._run(step(*args))
             self._drain()
@@ -203,6 +202,11 @@ class SessionDriver:
         while self._queue:
             self._run(self.session.handle(self._queue.popleft()))
         self._plan()
+
+    def _unplan(self) -> None:
+        """Give the session the counts and drop the plan, until ``_plan`` runs again."""
+        self.settle()
+        self._now = self._out_name = None
 
     def settle(self) -> None:
         """Tell the session what the hot path moved without it."""
@@ -276,9 +280,7 @@ class SessionDriver:
                 chunks.append(data)
             self._batch_bytes += n
             if not self._marked:
-                self._marked = True
-                assert self._flusher is not None
-                self._flusher.mark(self)
+                self._mark()
         self._forward(now, data)
         if self._batch_bytes >= FLUSH_BYTES:
             self.flush()
@@ -352,8 +354,7 @@ class SessionDriver:
 
     def _written(self) -> None:
         """Handle what the writes reported (they waited in the queue)."""
-        self.settle()
-        self._now = self._out_name = None
+        self._unplan()
         self._drain()
 
     def _crashed(self) -> None:
@@ -361,14 +362,18 @@ class SessionDriver:
         log.exception("session %d: internal error; closing the session", self.sid)
         self._teardown("internal_error")
 
+    def _mark(self) -> None:
+        """Have the flusher write this session's batch on its next tick."""
+        self._marked = True
+        assert self._flusher is not None
+        self._flusher.mark(self)
+
     def _write(self, target: str, data: bytes) -> None:
         if target in self._batched:
             self._deferred.setdefault(target, []).append(data)
             self._batch_bytes += len(data)  # (for each batched target: a bound, not a size)
             if not self._marked:
-                self._marked = True
-                assert self._flusher is not None
-                self._flusher.mark(self)
+                self._mark()
             return
         t = self._transports.get(target)
         if t is not None and not t.is_closing():
@@ -519,8 +524,7 @@ class SessionDriver:
 
     def _teardown(self, outcome: str) -> None:
         """Last resort after a bug: abort every connection, end the session."""
-        self._now = self._out_name = None
-        self.settle()
+        self._unplan()
         for task in list(self._connecting.values()):
             task.cancel()
         for t in self._transports.values():
