@@ -473,8 +473,9 @@ class Outcome:
     #: dropped from a session or marked stale makes its setup's numbers suspect.
     warnings: dict[str, list[str]] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
-    #: The --baseline checkout and its commit, if any.
+    #: The --baseline checkout ("": none) and its commit.
     baseline: str = ""
+    baseline_commit: str = ""
 
     def get(self, setup: str, work: str, key: str) -> float | None:
         return self.medians.get(setup, {}).get(work, {}).get(key)
@@ -510,7 +511,7 @@ def collect_warnings(out: Outcome, target: Target, where: str) -> bool:
 
 def run(out: Outcome, procs: Processes) -> None:
     plan, setups = out.plan, out.setups
-    base = Path(out.baseline.split(" ")[0]) if out.baseline else None
+    base = Path(out.baseline) if out.baseline else None
     redis_work = [w for w in out.workloads if w in REDIS_WORKLOADS]
     maxconn = HAPROXY_MAXCONN
     if "idle" in out.workloads:
@@ -841,7 +842,11 @@ def header(out: Outcome) -> str:
         f"uvloop {m['uvloop']}; {m['haproxy'].split(' - ')[0]}; {m['redis'].split(' sha=')[0]}; "
         f"replicaproxy {m['replicaproxy']}. Load average at start {m['load_average_at_start']}, "
         f"at end {m.get('load_average_at_end', '?')}."
-        + (f" Setups marked {BASE} ran from {out.baseline}." if out.baseline else "")
+        + (
+            f" Setups marked {BASE} ran from {out.baseline} (commit {out.baseline_commit})."
+            if out.baseline
+            else ""
+        )
     )
 
 
@@ -1007,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Outcome("quick" if args.quick else "full", plan, args.only, args.workloads)
     if args.baseline is not None:
         stem = "compare"
-        out.baseline = f"{args.baseline} (commit {commit_of(args.baseline)})"
+        out.baseline = str(args.baseline)
+        out.baseline_commit = commit_of(args.baseline)
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the finally below still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
