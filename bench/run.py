@@ -3,8 +3,10 @@
 Everything runs on this machine, on loopback, started and stopped here. Setups:
 ``direct`` (the client talks to the server), ``haproxy`` (HAProxy ``mode tcp``, one
 thread), ``rp0``/``rp1``/``rp2`` (replicaproxy, async mode, 0/1/2 replicas) and
-``rp1sync`` (sync mode, 1 replica). Every setup runs each workload in turn within a
-round (so a slow phase of a busy machine hits them alike), several rounds, medians.
+``rp1sync`` (sync mode, 1 replica); for reference, ``tee0``/``tee1`` (``tee.py``: the
+least a Python forwarder with 0/1 replica can do; request/response only). Every setup
+runs each workload in turn within a round (so a slow phase of a busy machine hits them
+alike), several rounds, medians.
 
     python bench/run.py [--quick] [--rounds N] [--only SETUP,...] [--workloads W,...]
                         [--baseline DIR]
@@ -51,14 +53,19 @@ RESULTS = HERE / "results"
 README = HERE / "README.md"
 LOADGEN = HERE / "loadgen.py"
 SINK = HERE / "bulk_sink.py"
+TEE = HERE / "tee.py"
 TICKS = os.sysconf("SC_CLK_TCK")
 # Any one start-up or tear-down wait. Python starting replicaproxy on a loaded 2-core
 # machine takes about a second; 30 s means it is not coming.
 WAIT = 30.0
 
-SETUPS = ("direct", "haproxy", "rp0", "rp1", "rp2", "rp1sync")
+SETUPS = ("direct", "haproxy", "rp0", "rp1", "rp2", "rp1sync", "tee0", "tee1")
 #: (replicas, mode) of each replicaproxy setup.
 PROXIES = {"rp0": (0, "async"), "rp1": (1, "async"), "rp2": (2, "async"), "rp1sync": (1, "sync")}
+#: Replicas of each reference setup (tee.py: a bare forwarder, a 5 ms replica tick).
+TEES = {"tee0": 0, "tee1": 1}
+#: The workloads the reference setups run: they hold unbounded batches, so no bulk.
+TEE_WORKLOADS = {"rr", "p16"}
 #: The suffix of a setup run from the --baseline checkout.
 BASE = "@base"
 WORKLOADS = {
@@ -114,6 +121,14 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU time of process ``pid`` (all its threads), from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime (fields 14, 15)
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (every process, the kernel, interrupts)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / TICKS  # user..steal, without guest (in user)
 
 
 def rss_kib(pid: int) -> int:
@@ -300,6 +315,8 @@ def build(
 
     targets = {}
     for setup in setups:
+        if setup in TEES and kind != "redis":
+            continue
         primary = server(f"{kind}-{setup}-primary")
         if setup == "direct":
             targets[setup] = Target(setup, primary.port, None)
@@ -311,6 +328,11 @@ def build(
             cfg.write_text(haproxy_config(port, primary.port, maxconn))
             child = procs.start(name, [program("haproxy"), "-f", str(cfg), "-db"], port)
             targets[setup] = Target(setup, port, child)
+            continue
+        if setup in TEES:
+            args = [sys.executable, str(TEE), str(port), str(primary.port)]
+            args += [str(server(f"{name}-replica{i + 1}").port) for i in range(TEES[setup])]
+            targets[setup] = Target(setup, port, procs.start(name, args, port))
             continue
         count, mode = PROXIES[setup.removesuffix(BASE)]
         env = None
@@ -412,11 +434,17 @@ def measure(target: Target, units: float, fn: Callable[[], dict[str, float]]) ->
     """Run ``fn``; add the proxy's CPU time for it, per unit (request, MiB, connection).
 
     User time apart too: the proxy's own code, where system time is mostly the
-    kernel's TCP work on loopback (both ends of it), alike for every proxy.
+    kernel's TCP work on loopback (both ends of it), alike for every proxy. And the
+    whole machine's: what every process of the setup took together, and how many of
+    the cores were busy (all of them: the setup was CPU-bound).
     """
     pid = target.proxy.popen.pid if target.proxy else None
     user0, sys0 = cpu_seconds(pid) if pid else (0.0, 0.0)
+    busy0, t0 = machine_busy(), time.monotonic()
     result = fn()
+    busy = machine_busy() - busy0
+    result["machine_cpu_per_unit"] = busy / units
+    result["cores_busy"] = busy / (time.monotonic() - t0)
     if pid:
         user1, sys1 = cpu_seconds(pid)
         cpu = user1 - user0 + sys1 - sys0
@@ -550,6 +578,8 @@ def run(out: Outcome, procs: Processes) -> None:
         for work in timed:
             world = worlds["sink" if work == "bulk" else "redis"]
             for setup in setups:
+                if setup in TEES and work not in TEE_WORKLOADS:
+                    continue
                 target = world[setup]
                 sample = run_workload(work, target, plan)
                 if replicas(setup):
@@ -705,6 +735,10 @@ def table(out: Outcome) -> str:
             fmt(ratio(v, g("direct", work, key)), ".2f"),
         ]
 
+    def machine(work: str, s: str, scale: float) -> float | None:
+        v = g(s, work, "machine_cpu_per_unit")
+        return None if v is None else v * scale
+
     def added(s: str, work: str, key: str) -> str:
         v, d = g(s, work, key), g("direct", work, key)
         return "-" if v is None or d is None or s == "direct" else f"{(v - d) * 1000:+,.0f}"
@@ -742,12 +776,14 @@ def table(out: Outcome) -> str:
     )  # fmt: skip
     section(
         f"Bulk one-way stream ({p.bulk_bytes / (1 << 20):,.0f} MiB, 256 KiB writes, to a sink)",
-        ["setup", "MiB/s", "x HAProxy", "x direct", "proxy CPU ms/GiB", "CPU x HAProxy"],
+        ["setup", "MiB/s", "x HAProxy", "x direct", "proxy CPU ms/GiB", "CPU x HAProxy",
+         "machine CPU s/GiB", "cores busy"],
         [
-            [name(s, "bulk"), *rate(s, "bulk", "mib_s"), *cpu(s, "bulk", ",.0f", 1024 / 1000)]
+            [name(s, "bulk"), *rate(s, "bulk", "mib_s"), *cpu(s, "bulk", ",.0f", 1024 / 1000),
+             fmt(machine("bulk", s, 1024), ".2f"), fmt(g(s, "bulk", "cores_busy"), ".2f")]
             for s in have("bulk")
         ],
-    )
+    )  # fmt: skip
     section(
         f"Connection churn: a connection per PING, 50 at a time ({p.churn_connections:,})",
         ["setup", "conn/s", "x HAProxy", "x direct", "proxy CPU us/conn", "CPU x HAProxy"],
@@ -851,7 +887,8 @@ def header(out: Outcome) -> str:
 
 
 COLORS = {"direct": "#999999", "haproxy": "#3465a4", "rp0": "#8ae234", "rp1": "#4e9a06",
-          "rp2": "#2e5e04", "rp1sync": "#f57900"}  # fmt: skip
+          "rp2": "#2e5e04", "rp1sync": "#f57900", "tee0": "#cccccc",
+          "tee1": "#888a85"}  # fmt: skip
 
 
 def chart(out: Outcome, path: Path) -> None:
