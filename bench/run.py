@@ -9,11 +9,13 @@ runs each workload in turn within a round (so a slow phase of a busy machine hit
 alike), several rounds, medians.
 
     python bench/run.py [--quick] [--rounds N] [--only SETUP,...] [--workloads W,...]
-                        [--baseline DIR]
+                        [--baseline DIR] [--replica-flush MS]
 
 With ``--baseline DIR`` (a checkout of another commit, e.g. from ``git worktree add``)
 each replicaproxy setup also runs from ``DIR/src``, as ``rp1@base`` and so on, in the
-same rounds: a change measured against what it changed, side by side.
+same rounds: a change measured against what it changed, side by side. With
+``--replica-flush 20ms`` the replicaproxy and tee setups batch a replica's input on a
+tick of that length instead of their default 5 ms.
 
 Results: a markdown table on stdout and ``bench/results/{latest,quick}.{md,json,png}``
 (a run of a subset writes ``partial.*``, a run with a baseline ``compare.*``). Never an
@@ -32,6 +34,7 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import select
 import shutil
@@ -291,7 +294,7 @@ def replicas(setup: str) -> int:
 
 
 def build(
-    procs: Processes, kind: str, setups: list[str], maxconn: int, baseline: Path | None
+    procs: Processes, kind: str, setups: list[str], maxconn: int, out: Outcome
 ) -> dict[str, Target]:
     """Start the servers (``kind`` redis or sink) and a proxy for each setup (not waited).
 
@@ -301,6 +304,12 @@ def build(
     the same treatment, so every setup is built the same way.
     """
     tmp = procs.tmp
+    baseline = Path(out.baseline) if out.baseline else None
+    flush: list[str] = []  # replicaproxy's replica_flush is a setting of the file only
+    if out.replica_flush:
+        config = tmp / "replica-flush.toml"
+        config.write_text(f'[proxy]\nreplica_flush = "{out.replica_flush}"\n')
+        flush = ["--config", str(config)]
 
     def server(name: str) -> Child:
         port = free_port()
@@ -332,6 +341,8 @@ def build(
         if setup in TEES:
             args = [sys.executable, str(TEE), str(port), str(primary.port)]
             args += [str(server(f"{name}-replica{i + 1}").port) for i in range(TEES[setup])]
+            if out.replica_flush:
+                args += ["--flush", out.replica_flush.removesuffix("ms")]
             targets[setup] = Target(setup, port, procs.start(name, args, port))
             continue
         count, mode = PROXIES[setup.removesuffix(BASE)]
@@ -340,7 +351,7 @@ def build(
             assert baseline is not None
             env = {**os.environ, "PYTHONPATH": str(baseline / "src")}
         state = tmp / f"{name}.state.json"
-        args = [sys.executable, "-m", "replicaproxy", "run",
+        args = [sys.executable, "-m", "replicaproxy", "run", *flush,
                 "--listen", f"{HOST}:{port}", "--primary", f"{HOST}:{primary.port}",
                 "--mode", mode, "--state-file", str(state), "--log-level", "warning"]  # fmt: skip
         for i in range(count):
@@ -504,6 +515,8 @@ class Outcome:
     #: The --baseline checkout ("": none) and its commit.
     baseline: str = ""
     baseline_commit: str = ""
+    #: --replica-flush ("": each setup's default, 5 ms).
+    replica_flush: str = ""
 
     def get(self, setup: str, work: str, key: str) -> float | None:
         return self.medians.get(setup, {}).get(work, {}).get(key)
@@ -539,16 +552,15 @@ def collect_warnings(out: Outcome, target: Target, where: str) -> bool:
 
 def run(out: Outcome, procs: Processes) -> None:
     plan, setups = out.plan, out.setups
-    base = Path(out.baseline) if out.baseline else None
     redis_work = [w for w in out.workloads if w in REDIS_WORKLOADS]
     maxconn = HAPROXY_MAXCONN
     if "idle" in out.workloads:
         maxconn = max(maxconn, plan.idle_sessions + 100)
     worlds: dict[str, dict[str, Target]] = {}
     if redis_work:
-        worlds["redis"] = build(procs, "redis", setups, maxconn, base)
+        worlds["redis"] = build(procs, "redis", setups, maxconn, out)
     if "bulk" in out.workloads:
-        worlds["sink"] = build(procs, "sink", setups, maxconn, base)
+        worlds["sink"] = build(procs, "sink", setups, maxconn, out)
     progress(f"starting {len(procs.children)} servers and proxies")
     procs.wait_ready()
 
@@ -883,6 +895,11 @@ def header(out: Outcome) -> str:
             if out.baseline
             else ""
         )
+        + (
+            f" The replica's input was batched on a {out.replica_flush} tick."
+            if out.replica_flush
+            else ""
+        )
     )
 
 
@@ -1023,7 +1040,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="a checkout of another commit: its replicaproxy runs too, as rp1@base etc.",
     )
+    parser.add_argument(
+        "--replica-flush",
+        metavar="MS",
+        default="",
+        help="the replica tick of replicaproxy and tee setups, e.g. 20ms (default: 5ms); "
+        "the results go to partial.* (compare.* with --baseline)",
+    )
     args = parser.parse_args(argv)
+    if args.replica_flush and not re.fullmatch(r"\d+(\.\d+)?ms", args.replica_flush):
+        parser.error(f"--replica-flush: {args.replica_flush!r} is not milliseconds, e.g. 20ms")
     for opt, known in (("only", SETUPS), ("workloads", tuple(WORKLOADS))):
         chosen = [x for x in getattr(args, opt).split(",") if x]
         bad = [x for x in chosen if x not in known]
@@ -1044,9 +1070,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.rounds:
         plan = Plan(**{**asdict(plan), "rounds": args.rounds})
-    complete = args.only == list(SETUPS) and args.workloads == list(WORKLOADS)
+    complete = (
+        args.only == list(SETUPS) and args.workloads == list(WORKLOADS) and not args.replica_flush
+    )
     stem = "partial" if not complete else "quick" if args.quick else "latest"
     out = Outcome("quick" if args.quick else "full", plan, args.only, args.workloads)
+    out.replica_flush = args.replica_flush
     if args.baseline is not None:
         stem = "compare"
         out.baseline = str(args.baseline)
