@@ -446,8 +446,8 @@ def measure(target: Target, units: float, fn: Callable[[], dict[str, float]]) ->
 
     User time apart too: the proxy's own code, where system time is mostly the
     kernel's TCP work on loopback (both ends of it), alike for every proxy. And the
-    whole machine's: what every process of the setup took together, and how many of
-    the cores were busy (all of them: the setup was CPU-bound).
+    whole machine's: what every process of the setup took together, and how many
+    cores that kept busy on average (as many as the machine has: CPU-bound).
     """
     pid = target.proxy.popen.pid if target.proxy else None
     user0, sys0 = cpu_seconds(pid) if pid else (0.0, 0.0)
