@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit install clean bench bench-quick
+.PHONY: demo test test-pure lint unit install clean bench bench-quick
 
 # setup.py compiles these two with mypyc; an editable install keeps the builds beside
 # them, so an edit means a new build (see src/replicaproxy/compiled.py).
@@ -31,6 +31,17 @@ unit: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q -rs
+
+# The unit and integration tiers on the pure-Python data path, which is what an install
+# without a C compiler runs: a copy of the package without its compiled modules goes
+# first on PYTHONPATH (the proxies the tests start inherit it).
+PURE := build/pure
+test-pure: $(STAMP)
+	rm -rf $(PURE)
+	mkdir -p $(PURE)
+	cp -R src/replicaproxy $(PURE)/
+	find $(PURE) -name '*.so' -delete
+	REPLICAPROXY_PURE=1 PYTHONPATH=$(PURE) $(BIN)/pytest -q -rs tests/unit tests/integration
 
 # Benchmarks: never part of the tests. Need haproxy, redis-server, redis-benchmark.
 bench: $(STAMP)
