@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import logging.handlers
@@ -12,6 +13,7 @@ import time
 
 #: Log records waiting for the writer thread; past this, new ones are dropped.
 LOG_QUEUE = 10_000
+_TRACEBACK = logging.Formatter()  # (only its formatException is used)
 
 
 class DroppingQueueHandler(logging.handlers.QueueHandler):
@@ -25,6 +27,21 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
     def __init__(self, records: queue.Queue[logging.LogRecord | None]) -> None:
         super().__init__(records)
         self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """A copy with its message made (QueueHandler's job), the traceback kept apart.
+
+        QueueHandler's own ``prepare`` appends the traceback to the message, so the
+        JSON format would carry it inside ``message``; kept in ``exc_text``, the text
+        format still prints it below the line and the JSON one gives it a field.
+        """
+        prepared = copy.copy(record)
+        prepared.msg = prepared.message = record.getMessage()
+        prepared.args = None
+        if record.exc_info:
+            prepared.exc_text = record.exc_text or _TRACEBACK.formatException(record.exc_info)
+        prepared.exc_info = None
+        return prepared
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import queue
 import threading
+
+from pythonjsonlogger.json import JsonFormatter
 
 from replicaproxy.logutil import DroppingQueueHandler, LogWriter, one_line
 
@@ -58,3 +62,36 @@ def test_the_writer_writes_in_order_and_stops_within_its_bound_when_stuck() -> N
 
 def test_one_line_escapes_control_characters_only() -> None:
     assert one_line("a\nb\r\x1b[31mé中\t") == "a\\nb\\r\\x1b[31mé中\\t"
+
+
+def logged_exception(formatter: logging.Formatter) -> str:
+    """What a writer with ``formatter`` prints for ``log.exception`` through the queue."""
+    records: queue.Queue[logging.LogRecord | None] = queue.Queue()
+    out = io.StringIO()
+    stream = logging.StreamHandler(out)
+    stream.setFormatter(formatter)
+    log = logging.Logger("t")
+    log.addHandler(DroppingQueueHandler(records))
+    try:
+        raise ValueError("the cause")
+    except ValueError:
+        log.exception("session %d: internal error", 7)
+    writer = LogWriter(records, stream)
+    writer.start()
+    assert writer.stop(timeout=5)
+    return out.getvalue()
+
+
+def test_a_traceback_has_a_json_field_of_its_own() -> None:
+    line = logged_exception(JsonFormatter("%(levelname)s %(message)s"))
+    doc = json.loads(line)
+    assert doc["message"] == "session 7: internal error"
+    assert "Traceback" in doc["exc_info"] and "ValueError: the cause" in doc["exc_info"]
+
+
+def test_a_traceback_follows_its_text_line() -> None:
+    text = logged_exception(logging.Formatter("%(levelname)s %(message)s"))
+    first, *rest = text.splitlines()
+    assert first == "ERROR session 7: internal error"
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "ValueError: the cause"
