@@ -289,7 +289,7 @@ def haproxy_config(port: int, server: int, maxconn: int) -> str:
 
 
 def replicas(setup: str) -> int:
-    """How many replicas a setup has (0 for direct and HAProxy)."""
+    """How many replicas a replicaproxy setup has (0 for the others, tee1 too: it logs nothing)."""
     return PROXIES.get(setup.removesuffix(BASE), (0, ""))[0]
 
 
@@ -747,7 +747,7 @@ def table(out: Outcome) -> str:
             fmt(ratio(v, g("direct", work, key)), ".2f"),
         ]
 
-    def machine(work: str, s: str, scale: float) -> float | None:
+    def machine_cpu(s: str, work: str, scale: float) -> float | None:
         v = g(s, work, "machine_cpu_per_unit")
         return None if v is None else v * scale
 
@@ -792,7 +792,7 @@ def table(out: Outcome) -> str:
          "machine CPU s/GiB", "cores busy"],
         [
             [name(s, "bulk"), *rate(s, "bulk", "mib_s"), *cpu(s, "bulk", ",.0f", 1024 / 1000),
-             fmt(machine("bulk", s, 1024), ".2f"), fmt(g(s, "bulk", "cores_busy"), ".2f")]
+             fmt(machine_cpu(s, "bulk", 1024), ".2f"), fmt(g(s, "bulk", "cores_busy"), ".2f")]
             for s in have("bulk")
         ],
     )  # fmt: skip
