@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-pure lint unit install clean bench bench-quick
 
-# setup.py compiles these two with mypyc; an editable install keeps the builds beside
+# setup.py compiles these with mypyc; an editable install keeps the builds beside
 # them, so an edit means a new build (see src/replicaproxy/compiled.py).
-COMPILED := src/replicaproxy/core/session.py src/replicaproxy/io/driver.py
+COMPILED := src/replicaproxy/core/session.py src/replicaproxy/core/framing.py \
+	src/replicaproxy/core/resp.py src/replicaproxy/io/driver.py
 
 $(STAMP): pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

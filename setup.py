@@ -1,6 +1,6 @@
-"""Compiles replicaproxy's data path (the session and its driver) with mypyc.
+"""Compiles replicaproxy's data path (the session, its framers and its driver) with mypyc.
 
-Everything else about the package is in pyproject.toml. The two modules below are
+Everything else about the package is in pyproject.toml. The modules below are
 plain, typed Python; mypyc also builds them as C extensions, which do the per-chunk
 work in less CPU (bench/README.md, "Third round"). The install falls back to pure
 Python, which behaves the same, when there is no C compiler or when the build fails,
@@ -17,7 +17,12 @@ from typing import Any
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-COMPILED = ["src/replicaproxy/core/session.py", "src/replicaproxy/io/driver.py"]
+COMPILED = [
+    "src/replicaproxy/core/session.py",
+    "src/replicaproxy/core/framing.py",
+    "src/replicaproxy/core/resp.py",
+    "src/replicaproxy/io/driver.py",
+]
 
 
 class BuildDataPath(build_ext):

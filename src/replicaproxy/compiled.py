@@ -1,4 +1,4 @@
-"""Whether the data path (the session and its driver) runs compiled or as Python.
+"""Whether the data path (the session, its framers, its driver) runs compiled or as Python.
 
 ``setup.py`` builds both modules with mypyc when it can, and the install falls back
 to pure Python when it cannot; both behave the same. In a source checkout installed
@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
-from replicaproxy.core import session
+from replicaproxy.core import framing, resp, session
 from replicaproxy.io import driver
 
-MODULES: tuple[ModuleType, ...] = (session, driver)
+MODULES: tuple[ModuleType, ...] = (session, framing, resp, driver)
 
 
 def _built(module: ModuleType) -> Path | None:

@@ -1,0 +1,235 @@
+"""Messages instead of bytes: what a protocol's framer gives the session.
+
+With ``protocol = "bytes"`` a session compares a replica's output with the
+primary's byte for byte. A framed protocol splits the client's stream into
+requests and each upstream's output into replies, pairs reply *k* with request
+*k*, and compares a replica's reply *k* with the primary's under a rule that the
+request chose (an ``INFO`` reply may differ, an ``SMEMBERS`` reply is a set).
+
+A protocol is one small module in ``core/`` with three things, all without I/O:
+
+* a :class:`Framing` (one per session): :meth:`Framing.request` reads the
+  client's bytes and queues one :class:`Expect` per reply they call for;
+  :meth:`Framing.begin` and :meth:`Framing.feed` frame the primary's output and
+  pair each reply with the next expectation;
+* a :class:`ReplyParser`, which finds where one reply ends (the session frames a
+  replica's reply only where it must, see ``core/session.py``);
+* its :class:`Expect` kinds, which say how two replies to the same request are
+  compared.
+
+Pairing is never guessed. Where a framer meets a state it does not model (a
+reply that pairs with no request, a request it cannot parse, a protocol
+switch), it says so (:attr:`Framing.lost`) and the session compares bytes from
+there on, as ``protocol = "bytes"`` does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+#: :meth:`ReplyParser.feed`: the reply goes on past the data given.
+MORE: Final = -1
+#: :meth:`ReplyParser.feed`: the bytes are not a reply of this protocol.
+GARBAGE: Final = -2
+
+#: Replies asked for but not yet seen, per session. Each is one reference to a
+#: shared :class:`Expect` (8 bytes); past this a client that pipelines without
+#: reading makes its session fall back to comparing bytes instead of growing.
+MAX_PENDING: Final = 100_000
+
+
+class Expect:
+    """What one request expects of its reply, and how two such replies are compared.
+
+    Instances are shared by every request of a kind (one per command and rule),
+    so framing a request allocates nothing. ``exact`` replies are compared byte
+    for byte, which is what the session does without asking; the others are
+    collected whole and handed to :meth:`equivalent`.
+    """
+
+    def __init__(self, label: str, kind: str = "exact") -> None:
+        #: Names the request in log lines: ``GET``, ``CLIENT ID``, ``GET /index.html``.
+        self.label = label
+        #: ``exact``, ``ignore`` or a protocol's own (``unordered``, ``scan``, ...).
+        self.kind = kind
+        self.exact = kind == "exact"
+        #: The reply may differ in any way: only where it ends matters.
+        self.ignored = kind == "ignore"
+
+    def equivalent(self, primary: bytes, mirror: bytes) -> bool:
+        """Whether two whole replies to this request count as the same answer."""
+        return self.ignored or primary == mirror
+
+    def difference(self, primary: bytes, mirror: bytes, name: str = "replica") -> str:
+        """What differs, for the divergence line (called only when not equivalent);
+        ``name`` is the mirror's."""
+        return describe_bytes(primary, mirror, name)
+
+    def __repr__(self) -> str:
+        return f"Expect({self.label!r}, {self.kind!r})"
+
+
+#: A marker in the queue of expectations: the framer lost track of the requests here.
+LOST: Final = Expect("(unframed)", "lost")
+#: A marker: from here on each server's output is its own by nature (a stream of
+#: timestamps and addresses, a replication stream): it is no longer compared.
+UNCOMPARED: Final = Expect("(each server's own)", "lost")
+
+
+class ReplyParser:
+    """Finds where one reply ends, however its bytes are cut into chunks."""
+
+    def feed(self, data: bytes, pos: int) -> int:
+        """Read ``data[pos:]`` as the continuation of the reply.
+
+        Returns the index in ``data`` just past the reply's end, :data:`MORE`
+        when the reply goes on past ``data`` (the parser keeps its place), or
+        :data:`GARBAGE` when the bytes cannot be a reply.
+        """
+        raise NotImplementedError
+
+
+class Framing:
+    """One session's view of its protocol: requests in, replies paired with them."""
+
+    def __init__(self) -> None:
+        #: The expectation of each request whose reply has not begun, oldest first.
+        self.pending: deque[Expect] = deque()
+        #: Replies are no longer paired: bytes are compared from there on.
+        self.lost = False
+        #: Requests are no longer read (a LOST marker ends the queue).
+        self.deaf = False
+        #: Lost at an UNCOMPARED marker: what follows is not compared at all.
+        self.uncompared = False
+
+    def request(self, data: bytes) -> None:
+        """The client sent ``data`` (every byte, in order, once)."""
+        raise NotImplementedError
+
+    def begin(self, data: bytes, pos: int) -> Expect | None:
+        """A reply of the primary's begins at ``data[pos]``: the request it answers.
+
+        None: it answers no request the framer knows of (the session falls back to
+        bytes). The primary's reply is then read with :meth:`feed`.
+        """
+        raise NotImplementedError
+
+    def feed(self, data: bytes, pos: int) -> int:
+        """Go on reading the primary's current reply: as :meth:`ReplyParser.feed`."""
+        raise NotImplementedError
+
+    def parser(self, expect: Expect) -> ReplyParser:
+        """A parser for a replica's reply to a request that expects ``expect``."""
+        raise NotImplementedError
+
+    def unbegin(self, expects: list[Expect]) -> None:
+        """Replies to these requests (oldest first) are to be framed again, from a new
+        primary: they are pending once more, ahead of the rest."""
+        self.pending.extendleft(reversed(expects))
+
+    def expect_next(self) -> Expect | None:
+        """The oldest pending expectation, taken; None when there is none or framing
+        was lost there."""
+        pending = self.pending
+        if not pending:
+            return None
+        expect = pending.popleft()
+        if expect is LOST or expect is UNCOMPARED:
+            self.lose()
+            self.uncompared = expect is UNCOMPARED
+            return None
+        return expect
+
+    def queue(self, expect: Expect) -> None:
+        """One more reply is due, after those already pending."""
+        if len(self.pending) >= MAX_PENDING:
+            self.stop()
+            return
+        self.pending.append(expect)
+
+    def stop(self, *, compare: bool = True) -> None:
+        """Stop reading requests here: the replies to those before still pair, and
+        the first reply after them makes the framing :attr:`lost`: compared as bytes
+        from there on, or (``compare=False``) not at all."""
+        if not self.deaf:
+            self.deaf = True
+            self.pending.append(LOST if compare else UNCOMPARED)
+
+    def lose(self) -> None:
+        """Stop framing now: whatever follows is compared as bytes."""
+        self.lost = self.deaf = True
+        self.pending.clear()
+
+
+#: The protocols a bytes session's divergence line may suggest, by what a client's
+#: first bytes look like (set by each protocol's module as it is added).
+_OPENINGS: list[tuple[str, Callable[[bytes], bool]]] = []
+
+
+def recognise(name: str, opening: Callable[[bytes], bool]) -> None:
+    """Register how the start of a client's stream in protocol ``name`` looks."""
+    _OPENINGS.append((name, opening))
+
+
+def guess_protocol(client_head: bytes) -> str | None:
+    """The protocol setting whose framing a client's first bytes suggest, if any."""
+    for name, opening in _OPENINGS:
+        if opening(client_head):
+            return name
+    return None
+
+
+# ------------------------------------------------------------------ log helpers
+
+#: How many bytes of each side a divergence line shows.
+EXCERPT_BYTES: Final = 24
+
+
+def excerpt(data: bytes | bytearray | memoryview, at: int = 0) -> str:
+    """``data[at:]`` shown readably: printable ASCII as is, the rest as ``\\xNN``.
+
+    At most :data:`EXCERPT_BYTES` bytes, with ``...`` when there is more.
+    """
+    chunk = bytes(data[at : at + EXCERPT_BYTES])
+    text = "".join(
+        chr(b)
+        if 32 <= b < 127 and b != 0x5C
+        else ("\\r" if b == 13 else "\\n" if b == 10 else f"\\x{b:02x}")
+        for b in chunk
+    )
+    more = "..." if len(data) - at > EXCERPT_BYTES else ""
+    return f'"{text}"{more}'
+
+
+def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    """The first index where ``a`` and ``b`` differ (the shorter's length if one is a prefix)."""
+    n = min(len(a), len(b))
+    lo, hi = 0, n
+    if a[:n] == b[:n]:
+        return n
+    # Halve the range that holds the first difference: a few slice compares in C.
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    for i in range(lo, hi):
+        if a[i] != b[i]:
+            return i
+    return hi
+
+
+def side_by_side(
+    primary: bytes | bytearray, mirror: bytes | bytearray, name: str, at: int = 0
+) -> str:
+    """``primary "...", NAME "..."``: both sides from ``at``."""
+    return f"primary {excerpt(primary, at)}, {name} {excerpt(mirror, at)}"
+
+
+def describe_bytes(primary: bytes | bytearray, mirror: bytes | bytearray, name: str) -> str:
+    """``differ at byte N: primary "...", NAME "..."`` for two byte strings that differ."""
+    i = first_difference(primary, mirror)
+    return f"differs at its byte {i}: {side_by_side(primary, mirror, name, i)}"
