@@ -127,6 +127,13 @@ def cli() -> None:
 )
 @click.option("--mode", cls=Once, type=click.Choice(["async", "sync"]), help="Replication mode.")
 @click.option(
+    "--protocol",
+    cls=Once,
+    type=click.Choice(["bytes", "resp"]),
+    help="Compare replies byte for byte (bytes, the default) or as messages of a protocol "
+    "(resp: Redis and its forks), by its rules.",
+)
+@click.option(
     "--admin", cls=Once, metavar="HOST:PORT", help="Admin HTTP address (off unless given)."
 )
 @click.option("--state-file", cls=Once, metavar="PATH", help="Where the replica view is kept.")
@@ -144,6 +151,7 @@ def run(
     replicas: tuple[str, ...],
     shadows: tuple[str, ...],
     mode: str | None,
+    protocol: str | None,
     admin: str | None,
     state_file: str | None,
     reset_state: bool,
@@ -165,6 +173,7 @@ def run(
         mode=mode,
         admin=admin,
         state_file=state_file,
+        protocol=protocol,
     )
     try:
         config = build_config(config_path, overrides)
@@ -206,7 +215,10 @@ def check(file: str) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     names = ", ".join(f"{b.name} ({b.role})" for b in config.backends)
-    click.echo(f"{file}: ok: listen {config.proxy.listen}, {config.proxy.mode} mode, {names}")
+    click.echo(
+        f"{file}: ok: listen {config.proxy.listen}, {config.proxy.mode} mode, "
+        f"protocol {config.proxy.protocol}, {names}"
+    )
 
 
 @cli.command()

@@ -11,6 +11,7 @@ File layout (every table and key optional; the result needs exactly one primary)
     [proxy]       listen, mode, state_file, timeouts, limits
     [admin]       listen, token (no [admin] table: the admin API is off)
     [health]      interval, timeout, fall, rise, send, expect
+    [protocol.resp]  ignore, unordered, exact, server_tips (rules for protocol = "resp")
     [[backend]]   name, address, role, sample (one table per backend)
 
 Backends in messages are ``backend 'NAME'`` once their name is known, otherwise
@@ -43,7 +44,10 @@ __all__ = [
     "HealthConfig",
     "Mode",
     "Overrides",
+    "Protocol",
+    "ProtocolConfig",
     "ProxyConfig",
+    "RespConfig",
     "Role",
     "build_config",
     "config_from_dict",
@@ -65,10 +69,12 @@ class ConfigError(Exception):
 Role = Literal["primary", "replica", "shadow"]
 Mode = Literal["async", "sync"]
 Divergence = Literal["log", "stale"]
+Protocol = Literal["bytes", "resp"]
 
 _ROLES: tuple[str, ...] = get_args(Role)
 _MODES: tuple[str, ...] = get_args(Mode)
 _DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+_PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
 
 # --------------------------------------------------------------------------- the tree
@@ -133,7 +139,16 @@ class ProxyConfig:
     # 0: availability first, like Kafka's default min.insync.replicas = 1 (which counts
     # the leader). Raise it to refuse sessions that no replica would protect.
     min_in_sync: int = 0
-    divergence: Divergence = "log"
+    # A replica whose answers differ may hold different data: it is not promoted
+    # (DESIGN.md "Protocols"). "log" reports and keeps it in sync, for shadows-like use.
+    divergence: Divergence = "stale"
+    # How a session's traffic is compared: "bytes" (byte for byte, any protocol) or a
+    # protocol whose replies are compared as messages by its rules (README "Protocols").
+    protocol: Protocol = "bytes"
+    # Output kept per session to compare a replica with the primary (either may be
+    # ahead): several round trips of a chatty protocol, and the largest reply compared
+    # in any order (a KEYS or SMEMBERS reply). Replies compared exactly need none of it.
+    compare_window: int = 1024 * 1024
     # Async mode: replica and shadow input is written in batches every this often, which
     # saves a system call per request and replica. 5 ms: a prototype at -c 50 measured
     # CPU per request near plain forwarding with it; it bounds how far a replica lags.
@@ -166,6 +181,31 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RespConfig:
+    """Rules for ``protocol = "resp"``, on top of the server's tips and the built-in ones.
+
+    Each entry names a command (``"GET"``), a subcommand (``"CONFIG GET"``) or every
+    subcommand (``"CLIENT *"``), case-insensitively.
+    """
+
+    #: Replies that may differ in any way (compared only for where they end).
+    ignore: tuple[str, ...] = ()
+    #: Replies whose elements may come in any order.
+    unordered: tuple[str, ...] = ()
+    #: Replies compared byte for byte, whatever the other rules say.
+    exact: tuple[str, ...] = ()
+    #: Read COMMAND's tips from the primary (Redis 7) to learn which replies may differ.
+    server_tips: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolConfig:
+    """The ``[protocol.NAME]`` tables: each protocol's rules."""
+
+    resp: RespConfig = RespConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. Built by ``load_config``/``build_config``, never mutated."""
 
@@ -173,6 +213,7 @@ class Config:
     admin: AdminConfig
     health: HealthConfig
     backends: tuple[BackendConfig, ...]
+    protocols: ProtocolConfig = ProtocolConfig()
 
     @property
     def primary(self) -> BackendConfig:
@@ -201,6 +242,7 @@ class Overrides:
     mode: str | None = None
     admin: str | None = None
     state_file: str | None = None
+    protocol: str | None = None
 
 
 # The admin API listens on loopback unless told otherwise; 9901 is Envoy's admin port,
@@ -336,6 +378,7 @@ _SIZE_UNITS = {
     "GB": Fraction(1000**3),
 }
 _NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]+")
+_COMMAND = re.compile(r"[A-Za-z0-9_.:|-]+(?:\s+(?:[A-Za-z0-9_.:|-]+|\*))?")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -421,6 +464,27 @@ def _replica_buffer(value: object, where: str) -> int:
     return size
 
 
+def _boolean(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _commands(value: object, where: str) -> tuple[str, ...]:
+    """A list of command names: ``["GET", "CONFIG GET", "CLIENT *"]``."""
+    if not isinstance(value, list):
+        raise ConfigError(f'{where}: expected a list of commands like ["INFO"], got {_show(value)}')
+    out: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _COMMAND.fullmatch(item.strip()):
+            raise ConfigError(
+                f"{where}[{i}]: expected a command, a command and subcommand, or a command "
+                f'and * (like "INFO", "CONFIG GET", "CLIENT *"), got {_show(item)}'
+            )
+        out.append(" ".join(item.split()).upper())
+    return tuple(out)
+
+
 def _sample(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where}: expected a number from 0.0 to 1.0, got {_show(value)}")
@@ -486,6 +550,8 @@ _PROXY_KEYS: dict[str, _Parser] = {
     "divergence": lambda v, w: _choice(v, w, _DIVERGENCES),
     "allow": _networks,
     "replica_flush": lambda v, w: _duration(v, w, positive=False),
+    "protocol": lambda v, w: _choice(v, w, _PROTOCOLS),
+    "compare_window": _replica_buffer,
 }
 _ADMIN_KEYS: dict[str, _Parser] = {
     "listen": lambda v, w: _address(v, w, allow_zero=True),
@@ -500,10 +566,19 @@ _HEALTH_KEYS: dict[str, _Parser] = {
     "expect": _bytes,
 }
 _BACKEND_KEYS = ("name", "address", "role", "sample")
+_RESP_KEYS: dict[str, _Parser] = {
+    "ignore": _commands,
+    "unordered": _commands,
+    "exact": _commands,
+    "server_tips": _boolean,
+}
+#: [protocol.NAME] tables, by protocol.
+_PROTOCOL_TABLES: dict[str, dict[str, _Parser]] = {"resp": _RESP_KEYS}
 _TABLES: dict[str, Iterable[str]] = {
     "proxy": _PROXY_KEYS,
     "admin": _ADMIN_KEYS,
     "health": _HEALTH_KEYS,
+    "protocol": _PROTOCOL_TABLES,
     "backend": _BACKEND_KEYS,
 }
 
@@ -577,6 +652,7 @@ class _Draft:
     health: HealthConfig
     backends: list[_Entry] = field(default_factory=list)
     admin_from_flag: bool = False
+    protocols: ProtocolConfig = ProtocolConfig()
 
 
 def _parse_backends(value: object, source: str) -> list[_Entry]:
@@ -635,7 +711,28 @@ def _parse(data: Mapping[str, object], source: str) -> _Draft:
         fields = _parse_table(_table(data, "admin", source), _ADMIN_KEYS, f"{source}: admin")
         admin = AdminConfig(**{"listen": _DEFAULT_ADMIN_LISTEN, **fields})
     backends = _parse_backends(data.get("backend", []), source)
-    return _Draft(source, proxy, admin, health, backends)
+    protocols = _parse_protocols(_table(data, "protocol", source), source)
+    return _Draft(source, proxy, admin, health, backends, protocols=protocols)
+
+
+def _parse_protocols(table: Mapping[Any, object], source: str) -> ProtocolConfig:
+    _reject_unknown(table, _PROTOCOL_TABLES, f"{source}: protocol")
+    resp = RespConfig()
+    if "resp" in table:
+        where = f"{source}: protocol.resp"
+        value = table["resp"]
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table ([protocol.resp]), got {_show(value)}")
+        resp = RespConfig(**_parse_table(value, _RESP_KEYS, where))
+        seen: dict[str, str] = {}
+        for kind in ("ignore", "unordered", "exact"):
+            for name in getattr(resp, kind):
+                if name in seen:
+                    raise ConfigError(
+                        f"{where}.{kind}: {name!r} is also in protocol.resp.{seen[name]}"
+                    )
+                seen[name] = kind
+    return ProtocolConfig(resp=resp)
 
 
 def _finish(draft: _Draft, missing_primary: str) -> Config:
@@ -694,6 +791,7 @@ def _finish(draft: _Draft, missing_primary: str) -> Config:
         admin=draft.admin,
         health=draft.health,
         backends=tuple(entry.backend for entry in draft.backends),
+        protocols=draft.protocols,
     )
 
 
@@ -767,6 +865,9 @@ def _apply(draft: _Draft, overrides: Overrides) -> None:
         proxy = replace(proxy, mode=cast(Mode, _choice(overrides.mode, "--mode", _MODES)))
     if overrides.state_file is not None:
         proxy = replace(proxy, state_file=_path(overrides.state_file, "--state-file"))
+    if overrides.protocol is not None:
+        protocol = cast(Protocol, _choice(overrides.protocol, "--protocol", _PROTOCOLS))
+        proxy = replace(proxy, protocol=protocol)
     draft.proxy = proxy
     if overrides.admin is not None:
         admin_listen = parse_address(overrides.admin, where="--admin", allow_zero=True)

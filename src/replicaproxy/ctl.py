@@ -188,6 +188,7 @@ _OPTIONAL_COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("bytes_from", "bytes from", human_bytes),
     ("lag_bytes", "lag", human_bytes),
     ("divergences", "divergences", str),
+    ("allowed_differences", "allowed diffs", str),
 )
 
 
@@ -202,6 +203,9 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         f"primary {status.get('primary', '?')}",
         f"mode {status.get('mode', '?')}",
     ]
+    protocol = status.get("protocol")
+    if isinstance(protocol, dict) and protocol.get("name"):
+        header.append(f"protocol {protocol['name']}")
     if _is_number(status.get("uptime")):
         header.append(f"up {_duration(status['uptime'])}")
     if _is_number(status.get("sessions_active")):

@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 #: Log records waiting for the writer thread; past this, new ones are dropped.
 LOG_QUEUE = 10_000
@@ -115,27 +116,62 @@ def one_line(text: str) -> str:
 class RateLimited:
     """Let a kind of log line through at most once per ``interval`` seconds.
 
-    Lines held back are counted, and the count is added to the next line that
-    goes through, so a flood is visible without drowning the log.
+    Lines held back are counted. With ``schedule`` (the event loop's ``call_later``),
+    one line says how many were held back, and repeats the last of them, at the end
+    of the interval, whether or not another line of the kind comes; without it, the
+    count rides on the next line that gets through.
     """
 
-    def __init__(self, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        interval: float = 5.0,
+        schedule: Callable[[float, Callable[[], None]], object] | None = None,
+    ) -> None:
         self.interval = interval
+        self._schedule = schedule
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
+        # The last line held back, per kind: (logger, level, msg, args).
+        self._latest: dict[str, tuple[logging.Logger, int, str, tuple[object, ...]]] = {}
 
     def log(self, logger: logging.Logger, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
-            self._held[key] = self._held.get(key, 0) + 1
+            held = self._held.get(key, 0)
+            self._held[key] = held + 1
+            self._latest[key] = (logger, level, msg, args)
+            if not held and self._schedule is not None:
+                self._schedule(last + self.interval - now, lambda: self._summarise(key))
             return
         self._last[key] = now
         held = self._held.pop(key, 0)
+        self._latest.pop(key, None)
         if held:
             logger.log(level, msg + " (%d more like this not logged)", *args, held)
         else:
             logger.log(level, msg, *args)
+
+    def _summarise(self, key: str) -> None:
+        """The interval is over: say how many lines of ``key`` were held back."""
+        held = self._held.pop(key, 0)
+        latest = self._latest.pop(key, None)
+        if not held or latest is None:
+            return
+        logger, level, msg, args = latest
+        self._last[key] = time.monotonic()
+        logger.log(
+            level,
+            "%d more like this in the last %.0f s, not logged one by one; the last: " + msg,
+            held,
+            self.interval,
+            *args,
+        )
+
+    def flush(self) -> None:
+        """Summarise every kind with lines held back (at shutdown)."""
+        for key in list(self._held):
+            self._summarise(key)
 
 
 #: Errors that are this machine's shortage, not a backend's failure: they must

@@ -51,6 +51,13 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.allowed_differences = Counter(
+            "replicaproxy_allowed_differences",
+            "Replies of a backend that differed from the primary's as the protocol's rules "
+            "allow (an INFO, a set in another order), by request",
+            ["backend", "request"],
+            registry=r,
+        )
         self.dropped = Counter(
             "replicaproxy_dropped",
             "Times a replica or shadow left a session early (overflow, error)",
@@ -115,6 +122,9 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(name)
+        for labels in list(self.allowed_differences._metrics):
+            if labels[0] == name:
+                self.allowed_differences.remove(*labels)
         for direction in ("to_backend", "from_backend"):
             with contextlib.suppress(KeyError):
                 self.bytes.remove(name, direction)

@@ -36,10 +36,11 @@ from replicaproxy.control import ControlError
 from replicaproxy.core.events import CLIENT
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
-from replicaproxy.health import Health, HealthChecker
+from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
 from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
 from replicaproxy.logutil import RateLimited, one_line
 from replicaproxy.metrics import Metrics
+from replicaproxy.protocols import Protocols
 from replicaproxy.store import FileStateStore, StateError, StateStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,15 @@ access_log = logging.getLogger("replicaproxy.access")
 EVENTS_KEPT = 200
 #: How often byte counters and lag gauges are brought up to date.
 TICK_SECONDS = 1.0
+#: A process being killed still accepts connections for a moment while the kernel
+#: tears its sockets down (a probe right after a killed Redis's FIN found it up in 2 of
+#: 30 tries on a loaded machine): a backend is alive only if it accepts again this
+#: much later.
+ALIVE_RECHECK = 0.1
+
+
+def _call_later(delay: float, callback: Callable[[], None]) -> None:
+    asyncio.get_running_loop().call_later(delay, callback)
 
 
 def _allowed(peer: object, allow: tuple[IPNetwork, ...]) -> bool:
@@ -81,6 +91,7 @@ def _limits(config: Config) -> Limits:
     p = config.proxy
     return Limits(
         replica_buffer=p.replica_buffer,
+        compare_window=p.compare_window,
         close_grace=p.close_grace,
         # A healthy backend takes its last bytes within a few round trips;
         # twice the connect timeout is already generous for that.
@@ -98,6 +109,7 @@ class Backend:
 
     config: BackendConfig
     divergences: int = field(default=0)
+    allowed: int = 0  # replies that differed as the protocol's rules allow
     bytes_to: int = 0  # handed to its sockets, over all sessions
     bytes_from: int = 0  # read from its sockets
     lag: int = 0  # input accepted for it, not yet handed to its sockets (last tick)
@@ -154,7 +166,11 @@ class Server:
         self._force = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._ratelimit = RateLimited()
+        self._ratelimit = RateLimited(schedule=_call_later)
+        self.protocols = Protocols(config)
+        self._learning: asyncio.Task[None] | None = None
+        #: Sessions waiting to hear whether a backend is alive (CheckPrimary), by backend.
+        self._alive_checks: dict[str, list[Callable[[bool, str], None]]] = {}
 
     def _new_health_checker(self) -> HealthChecker:
         return HealthChecker(
@@ -208,6 +224,7 @@ class Server:
             )
         self.health.start()
         self._ticker = loop.create_task(self._tick(), name="metrics-tick")
+        self._learn_rules()
         if self.config.admin.listen is not None:
             from replicaproxy.admin.app import AdminServer
 
@@ -317,9 +334,12 @@ class Server:
             log.error("cannot store view epoch %d (%s): %s", new.epoch, why, problem)
             if not even_if_unsaved:
                 return False
+        old_primary = self.view.primary
         self.view = new
         self._publish_view()
         log.warning("view epoch %d: %s (primary %s)", new.epoch, why, new.primary)
+        if new.primary != old_primary:
+            self._learn_rules()
         self._event(kind, backend, why)
         return True
 
@@ -371,6 +391,9 @@ class Server:
                 driver.shutdown()
             await self._wait_idle(self._limits.linger + 1.0)
         await self.health.stop()
+        if self._learning is not None:
+            self._learning.cancel()
+        self._ratelimit.flush()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -476,7 +499,7 @@ class Server:
         sid = next(self._ids)
         driver = SessionDriver(
             sid,
-            Session(members, self._limits),
+            Session(members, self._limits, self.protocols.framing()),
             self,
             transport,
             connect_timeout=self.config.proxy.connect_timeout,
@@ -546,6 +569,8 @@ class Server:
         self.metrics.backend_up.labels(name).set(1 if health == "up" else 0)
         self._event("health", name, f"{name} is {health}: {reason}")
         if health == "up":
+            if name == self.view.primary:
+                self._learn_rules()  # (back, or first seen: it may have been upgraded)
             stale = self.role_of(name) != "shadow" and not self.view.in_sync(name)
             log.info(
                 "health: %s is up%s", name, " (stays stale until marked synced)" if stale else ""
@@ -598,6 +623,7 @@ class Server:
             "epoch": view.epoch,
             "primary": view.primary,
             "mode": self.config.proxy.mode,
+            "protocol": self.protocols.status(),
             "clean": view.clean,
             "last_stop": self.last_stop,
             "uptime": round(time.monotonic() - self._started_at, 3),
@@ -617,6 +643,7 @@ class Server:
                     "health": self.health.health(b.name),
                     "sessions": in_session.get(b.name, 0),
                     "divergences": b.divergences,
+                    "allowed_differences": b.allowed,
                     "bytes_to": b.bytes_to,
                     "bytes_from": b.bytes_from,
                     "lag_bytes": b.lag,
@@ -706,8 +733,13 @@ class Server:
                 self.backends[b.name].config = b
             else:
                 self.backends[b.name] = Backend(b)
+        if new.protocols != old.protocols:
+            changes.append("protocol rules changed (for new sessions)")
         self.config = new
         self._limits = _limits(new)
+        self.protocols.reconfigure(new)
+        if new.proxy.protocol != old.proxy.protocol or new.protocols != old.protocols:
+            self._learn_rules()
         if new.proxy.mode != old.proxy.mode or new.proxy.replica_flush != old.proxy.replica_flush:
             self._flusher = _flusher(new)  # for new sessions; live ones keep theirs
         old_checker = self.health
@@ -758,6 +790,11 @@ class Server:
         return self.status()
 
     def report(self, kind: str, name: str, detail: str, sid: int) -> None:
+        if kind == "allowed":
+            # Replies that differed as the rules allow (detail: the request): counted only.
+            self._backend(name).allowed += 1
+            self.metrics.allowed_differences.labels(name, detail).inc()
+            return
         if kind == "divergence":
             self._event("divergence", name, f"session {sid}: {detail}")
             self._backend(name).divergences += 1
@@ -784,6 +821,52 @@ class Server:
             log.warning("session %d: %s: %s", sid, name, detail)
         else:
             log.info("session %d: %s %s: %s", sid, kind, name, detail)
+
+    def check_alive(self, name: str, answer: Callable[[bool, str], None]) -> None:
+        """Does ``name`` still accept connections? One check at a time per backend,
+        its answer for every session that asked meanwhile."""
+        if self.health.health(name) == "down":
+            answer(False, f"its health checks fail ({self.health.last_error.get(name, 'down')})")
+            return
+        waiting = self._alive_checks.get(name)
+        if waiting is not None:
+            waiting.append(answer)
+            return
+        self._alive_checks[name] = [answer]
+        asyncio.get_running_loop().create_task(self._check_alive(name), name=f"alive:{name}")
+
+    async def _check_alive(self, name: str) -> None:
+        error: str | None = "not configured any more"
+        try:
+            address = self._backend(name).config.address
+            error = await probe(address, self.config.health)
+            if error is None:
+                await asyncio.sleep(ALIVE_RECHECK)
+                error = await probe(address, self.config.health)
+        except KeyError:
+            pass
+        finally:
+            answers = self._alive_checks.pop(name, [])
+        # This machine's own shortage says nothing about the backend: not a failover.
+        alive = error is None or error == LOCAL_FAILURE
+        for answer in answers:
+            try:
+                answer(alive, error or "it accepts connections")
+            except Exception:
+                log.exception("answering a check of %s failed", name)
+
+    def _learn_rules(self) -> None:
+        """Read the primary's own rules for its commands (protocol resp), in the background."""
+        if not self.protocols.wants_tips() or self._listener is None:
+            return
+        if self._learning is not None and not self._learning.done():
+            self._learning.cancel()
+        primary = self.view.primary
+        address = self._backend(primary).config.address
+        timeout = self.config.proxy.connect_timeout + self.config.health.timeout
+        self._learning = asyncio.get_running_loop().create_task(
+            self.protocols.learn(primary, address, timeout), name="learn-rules"
+        )
 
     def session_finished(self, driver: SessionDriver, outcome: str) -> None:
         self.sessions.discard(driver)

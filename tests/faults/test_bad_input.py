@@ -564,18 +564,23 @@ def test_backend_that_misbehaves_is_caught_and_the_proxy_serves_on(
             divergences += metric(px.admin, 'replicaproxy_divergences_total{backend="rogue"}')
             if role == "primary" and mode == "garbage":
                 # The primary's answer is the answer, garbage or not: the client gets it, and
-                # the replica's differing answer is reported.
+                # the replica's differing answer is reported; it makes the replica stale
+                # (divergence = "stale"), so the later sessions go without it.
                 assert all(r.startswith(b"\x00\xff-GARBAGE") for r in replies), replies
-                assert divergences == 3
+                assert divergences == 1
                 assert status["primary"] == "rogue"
+                assert px.states()["good"] == "stale"
             else:
                 # Every client got the good server's answer, whoever was primary at first.
                 assert replies == [b"+OK\r\n"] * 3, replies
                 assert status["primary"] == "good"
             if role == "replica":
-                # A misbehaving replica ends stale (it lost input or output) or reported.
+                # A misbehaving replica ends stale (it lost input or output) or reported
+                # (a replica that closes once it had all the input and the client's EOF,
+                # replies unsent, is no longer compared: Redis closes that way too).
                 stale = px.states()["rogue"] == "stale"
-                assert stale or divergences >= 1, (px.states(), divergences)
+                lost = px.proc.count(r"compare_lost rogue: closed at offset")
+                assert stale or divergences >= 1 or lost, (px.states(), divergences)
             elif mode != "garbage":
                 assert px.states() == {"rogue": "stale", "good": "in_sync"}
                 assert status["epoch"] == 1

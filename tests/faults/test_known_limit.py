@@ -64,7 +64,14 @@ def test_concurrent_sessions_can_leave_primary_and_replica_different(tmp_path: P
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with redis(tmp_path / "a", "r1") as (_, p1), redis(tmp_path / "b", "r2") as (_, p2):
-        config = config_text(tmp_path, [("r1", p1, "primary"), ("r2", p2, "replica")])
+        # divergence = "log": the replica stays in the sessions after its replies
+        # differ, so the data can be compared at the end (with the default, "stale",
+        # it would leave them, and be stale).
+        config = config_text(
+            tmp_path,
+            [("r1", p1, "primary"), ("r2", p2, "replica")],
+            extra='divergence = "log"',
+        )
         with run_proxy(config) as px:
             diverged_at = None
             for round_ in range(ROUNDS):
@@ -103,8 +110,8 @@ def test_concurrent_sessions_can_leave_primary_and_replica_different(tmp_path: P
             deadline = time.monotonic() + WAIT
             while (count := metric(px.admin, 'replicaproxy_divergences_total{backend="r2"}')) < 1:
                 assert time.monotonic() < deadline, "no divergence counted"
-            # With divergence = "log" (the default) the replica stays in sync: the report is
-            # the only sign. divergence = "stale" would take it out of the promotable set.
+            # With divergence = "log" the replica stays in sync: the report is the only
+            # sign. The default, "stale", takes it out of the promotable set.
             assert px.states() == {"r1": "in_sync", "r2": "in_sync"}
             assert_no_crash(px.proc)
             print(

@@ -13,6 +13,7 @@ from replicaproxy.core.events import (
     CLIENT,
     Abort,
     Action,
+    CheckPrimary,
     ClientClosed,
     ClientData,
     ClientEof,
@@ -22,6 +23,7 @@ from replicaproxy.core.events import (
     Finished,
     MarkStale,
     PauseReading,
+    PrimaryChecked,
     PrimaryDown,
     Promote,
     PromoteResult,
@@ -41,6 +43,7 @@ from replicaproxy.core.events import (
     WriteEof,
     WriteUnblocked,
 )
+from replicaproxy.core.framing import Framing
 from replicaproxy.core.session import Limits, Member, Session, _same
 
 P, R, S = "p", "r", "s"
@@ -59,6 +62,8 @@ class Harness:
     written: dict[str, bytearray] = field(default_factory=lambda: defaultdict(bytearray))
     eof_sent: dict[str, int] = field(default_factory=dict)  # target -> bytes written before EOF
     route: tuple[str, ...] | None = None
+    frames: bool = False
+    answered: list[str] = field(default_factory=list)  # CheckPrimary answered so far
     out_name: str | None = None
     counted_in: int = 0
     counted_out: int = 0
@@ -92,6 +97,8 @@ class Harness:
     def __call__(self, event: Event) -> list[Action]:
         s = self.session
         if self.hot and type(event) is ClientData and self.route is not None:
+            if self.frames:
+                s.frame_input(event.data)
             self.counted_in += len(event.data)
             return self.record([WriteAll(self.route, event.data)])
         if self.hot and type(event) is UpstreamData:
@@ -106,6 +113,7 @@ class Harness:
         actions = self.record(s.handle(event))
         if self.hot:
             self.route = s.route()
+            self.frames = s.frames_input()
             self.out_name = s.primary if s.passes() else None
         return actions
 
@@ -129,13 +137,21 @@ class Harness:
         return [a for a in self.actions if isinstance(a, Report) and a.kind == kind]
 
 
-def make(*members: tuple[str, str], hot: bool = False, **limits: float) -> Harness:
-    session = Session([Member(n, r) for n, r in members], Limits(**limits))  # type: ignore[arg-type]
+def make(
+    *members: tuple[str, str], hot: bool = False, framing: Framing | None = None, **limits: float
+) -> Harness:
+    session = Session(
+        [Member(n, r) for n, r in members],  # type: ignore[arg-type]
+        Limits(**limits),  # type: ignore[arg-type]
+        framing,
+    )
     return Harness(session, hot=hot)
 
 
-def connected(*members: tuple[str, str], hot: bool = False, **limits: float) -> Harness:
-    h = make(*members, hot=hot, **limits)
+def connected(
+    *members: tuple[str, str], hot: bool = False, framing: Framing | None = None, **limits: float
+) -> Harness:
+    h = make(*members, hot=hot, framing=framing, **limits)
     h.start()
     for name, _ in members:
         h(UpstreamConnected(name))
@@ -306,9 +322,13 @@ def test_replica_that_never_closes_is_closed_after_close_grace() -> None:
     h(ClientEof())
     h(UpstreamEof(P))
     assert Close(R) not in h.actions and WriteEof(CLIENT) not in h.actions
-    acts = h(TimerFired(Timer.PRIMARY_EOF))
+    # The replica kept its connection: is the primary still there?
+    assert h(TimerFired(Timer.PRIMARY_EOF)) == [CheckPrimary(P)]
+    acts = h(PrimaryChecked(P, alive=True))  # it is: it ended the session itself
     assert WriteEof(CLIENT) in acts
     assert Close(R) in h(TimerFired(Timer.CLOSE_GRACE))
+    assert not h.stale() and not h.of(Promote)
+    assert h.session.outcome == "ok", "the client ended its side first"
 
 
 def test_client_reset_flushes_then_closes_every_upstream() -> None:
@@ -392,9 +412,41 @@ def test_replica_unreachable_is_stale_and_the_session_goes_on() -> None:
 def test_replica_lost_mid_session_is_stale() -> None:
     h = connected((P, "primary"), (R, "replica"))
     h(UpstreamClosed(R, "ConnectionResetError"))
-    assert h.stale() == {R}
+    # Level with the primary: the server may be ending the session (close_grace).
+    assert StartTimer(Timer.REPLICA_EOF, 0.2) in h.actions
     h(ClientData(b"z"))
     assert h.written[P] == b"z" and h.written[R] == b""
+    h(TimerFired(Timer.REPLICA_EOF))  # it was not: the primary goes on
+    assert h.stale() == {R}
+    assert not h.session.in_session(R)
+
+
+def test_replica_that_closed_cleanly_behind_the_primary_is_stale_at_once() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(UpstreamData(P, b"answer"))
+    h(UpstreamEof(R))  # a FIN comes after all its output: it said less
+    assert h.stale() == {R}
+
+
+def test_a_reset_may_lose_output_so_it_is_judged_by_the_primarys_end() -> None:
+    """A reset (a server closing with input unread) can drop its last reply before the
+    proxy reads it: the replica is stale only if the primary does not end too."""
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"x" * 100))
+    h(UpstreamData(P, b"-ERR too big\r\n"))
+    h(UpstreamClosed(R, "ConnectionResetError"))  # its error reply never read
+    assert not h.stale()
+    h(UpstreamClosed(P, "ConnectionResetError"))
+    assert not h.stale() and not h.of(Promote)
+    assert h.session.outcome == "server_closed"
+    assert h.written[CLIENT] == b"-ERR too big\r\n"
+    # The same reset, and the primary goes on: stale once close_grace is over.
+    h = connected((P, "primary"), (R, "replica"))
+    h(UpstreamData(P, b"answer"))
+    h(UpstreamClosed(R, "ConnectionResetError"))
+    h(UpstreamData(P, b" and more"))
+    h(TimerFired(Timer.REPLICA_EOF))
+    assert h.stale() == {R}
 
 
 def test_replica_that_does_not_take_its_input_at_the_end_is_stale() -> None:
@@ -750,7 +802,10 @@ CRASHES = st.sampled_from(["reset", "down", "eof"])
 def _play_with_crash(
     h: Harness, events: list[tuple[str, bytes]], crash_at: int, crash: str
 ) -> None:
-    """Feed the output chunks in order; the primary fails before chunk ``crash_at``."""
+    """Feed the output chunks in order; the primary fails before chunk ``crash_at``.
+
+    When the session asks whether the primary is alive, it is not (it crashed).
+    """
     crashed = False
     for i, (name, chunk) in enumerate(events):
         if i == crash_at and not crashed:
@@ -758,10 +813,21 @@ def _play_with_crash(
             h({"reset": UpstreamClosed(P, "ConnectionResetError"),
                "down": PrimaryDown("health"),
                "eof": UpstreamEof(P)}[crash])  # fmt: skip
+        _answer_checks(h)
         if crashed and name == P:
             continue  # a dead primary says nothing more
         if h.session.in_session(name):
             h(UpstreamData(name, chunk))
+            _answer_checks(h)
+
+
+def _answer_checks(h: Harness) -> None:
+    """Answer a CheckPrimary the session asked for: the primary is down."""
+    asked = [a for a in h.actions if isinstance(a, CheckPrimary)]
+    answered = [e for e in h.answered]
+    if len(asked) > len(answered):
+        h.answered.append(asked[-1].name)
+        h(PrimaryChecked(asked[-1].name, alive=False, reason="Connection refused"))
 
 
 @settings(max_examples=400, deadline=None)
@@ -790,6 +856,7 @@ def test_takeover_gives_the_client_one_copy_of_the_stream_whatever_the_timing(
         a.timer for a in h.actions if isinstance(a, StartTimer)
     ]:
         h(TimerFired(Timer.PRIMARY_EOF))
+        _answer_checks(h)
     assert bytes(h.written[CLIENT]) == stream, "exactly one copy, no gap, no duplicate"
     assert not h.reports("divergence")
 
@@ -842,3 +909,39 @@ def test_running_out_of_descriptors_blames_no_backend() -> None:
     assert Abort(R) in acts and Close(CLIENT) in acts
     assert not h.stale()
     assert h.session.outcome == "overloaded"
+
+
+def test_sync_mode_passes_on_the_last_reply_when_a_replica_broke_off_with_the_primary() -> None:
+    """A too-big request in sync mode: both servers answer an error and reset; the
+    replica's answer is lost with its connection. The client still gets the error."""
+    h = connected((P, "primary"), (R, "replica"), mode="sync")  # type: ignore[arg-type]
+    h(ClientData(b"x" * 100))
+    err = b"-ERR Protocol error: too big inline request\r\n"
+    h(UpstreamData(P, err))
+    assert not h.written[CLIENT], "not confirmed yet"
+    h(UpstreamClosed(R, "ConnectionResetError"))
+    h(UpstreamClosed(P, "ConnectionResetError"))
+    assert h.written[CLIENT] == err
+    assert h.session.outcome == "server_closed"
+    assert not h.stale() and not h.of(Promote)
+
+
+def test_a_replica_that_closes_on_the_clients_eof_with_replies_unsent_is_not_stale() -> None:
+    """Redis closes a connection when it reads EOF, replies not yet written or not: a
+    replica behind on its output ends short, having taken every input byte."""
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"GET a\r\nGET b\r\n"))
+    h(ClientEof())
+    h(UpstreamData(P, b"$1\r\n1\r\n$1\r\n2\r\n"))
+    h(UpstreamData(R, b"$1\r\n1\r\n"))
+    h(UpstreamEof(R))
+    h(UpstreamEof(P))
+    assert not h.stale()
+    assert h.written[CLIENT] == b"$1\r\n1\r\n$1\r\n2\r\n"
+    # Input it never had is another matter.
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"GET a\r\nGET b\r\n"))
+    h(UpstreamData(P, b"$1\r\n1\r\n$1\r\n2\r\n"))
+    h(UpstreamData(R, b"$1\r\n1\r\n"))
+    h(UpstreamEof(R))
+    assert h.stale() == {R}

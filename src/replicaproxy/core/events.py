@@ -31,6 +31,9 @@ class Timer(enum.Enum):
     PRIMARY_EOF = "primary_eof"
     #: Sync mode: how long a replica may hold back a reply byte the primary sent.
     REPLICA_TIMEOUT = "replica_timeout"
+    #: After a replica ended its side while the primary did not: how long the
+    #: primary may take to end at the same point (the server ended the session).
+    REPLICA_EOF = "replica_eof"
 
 
 # ---------------------------------------------------------------------- events
@@ -127,6 +130,15 @@ class PrimaryDown(Event):
     """The health checker declared this session's primary down."""
 
     reason: str
+
+
+@dataclass(slots=True)
+class PrimaryChecked(Event):
+    """The answer to :class:`CheckPrimary`: whether ``name`` still accepts connections."""
+
+    name: str
+    alive: bool
+    reason: str = ""
 
 
 @dataclass(slots=True)
@@ -228,6 +240,15 @@ class Promote(Action):
 
 
 @dataclass(slots=True)
+class CheckPrimary(Action):
+    """Is ``name`` alive? It closed this session's connection while the replicas kept
+    theirs open: a crash (take over) or its own decision (pass the close on). The
+    driver answers with :class:`PrimaryChecked`."""
+
+    name: str
+
+
+@dataclass(slots=True)
 class Report(Action):
     """Something an operator should see: logged and counted by the driver.
 
@@ -255,5 +276,6 @@ REPORT_KINDS = frozenset(
         "compare_lost",  # a replica fell so far behind that its output is no longer compared
         "takeover",  # a replica took over the session from a failed primary
         "closed",  # the session could not go on (no replica to take over, too few in sync)
+        "allowed",  # replies differed as the protocol's rules allow (detail: the request)
     }
 )

@@ -32,6 +32,7 @@ Offsets it keeps (DESIGN.md "The session core"):
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from replicaproxy.core.events import (
     Abort,
     Action,
     CancelTimer,
+    CheckPrimary,
     ClientClosed,
     ClientData,
     ClientEof,
@@ -51,6 +53,7 @@ from replicaproxy.core.events import (
     IdleTimeout,
     MarkStale,
     PauseReading,
+    PrimaryChecked,
     PrimaryDown,
     Promote,
     PromoteResult,
@@ -70,6 +73,14 @@ from replicaproxy.core.events import (
     WriteBlocked,
     WriteEof,
     WriteUnblocked,
+)
+from replicaproxy.core.framing import (
+    GARBAGE,
+    Expect,
+    Framing,
+    ReplyParser,
+    guess_protocol,
+    side_by_side,
 )
 
 Role = Literal["primary", "replica", "shadow"]
@@ -99,7 +110,7 @@ class Limits:
     #: Sync mode: fewer in-sync replicas than this left in the session ends it.
     min_in_sync: int = 0
     #: A diverging replica also becomes stale (always so in sync mode).
-    divergence_stale: bool = False
+    divergence_stale: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,20 +132,31 @@ class _Upstream:
     """What the session knows about one upstream connection."""
 
     __slots__ = (
+        "after_ours",
         "ahead",
         "compared",
+        "ended_at",
         "eof_received",
         "eof_sent",
         "fed",
         "fed_at_eof",
         "held",
         "held_size",
+        "lossy",
         "matched",
+        "mbuf",
+        "mkept",
+        "mlen",
+        "mown",
+        "mparser",
         "name",
         "out",
         "read_paused",
         "role",
+        "shift",
+        "span",
         "state",
+        "vouched",
     )
 
     def __init__(self, member: Member) -> None:
@@ -152,10 +174,49 @@ class _Upstream:
         self.matched = True  # no mismatch seen so far
         self.ahead = bytearray()  # output beyond the primary's, not yet compared
         self.read_paused = False
+        # Framed protocols (see "Messages" in the Session docstring). ``out`` is a
+        # place in the primary's stream; the upstream's own byte count is
+        # out + shift, plus mown while it is inside a reply that may differ.
+        self.shift = 0
+        self.span: _Reply | None = None  # the reply it is inside, if one that may differ
+        self.mbuf = bytearray()  # its bytes from that reply's start (see mkept)
+        self.mown = 0  # how many bytes of its own it sent since that reply began
+        self.mlen = -1  # the length of its version of the reply, once it ended
+        self.mkept = True  # mbuf holds the reply (False: an ignored one too long to keep)
+        self.mparser: ReplyParser | None = None
+        #: Where in the primary's stream it ended its side (EOF or close), -1: it did not.
+        self.ended_at = -1
+        #: It ended at the same point as the primary: it missed nothing the primary took.
+        self.vouched = False
+        #: Its connection broke (a reset): its last output may never have been read,
+        #: so where its output stops says nothing.
+        self.lossy = False
+        #: It ended its side after it was sent the client's EOF (not on its own).
+        self.after_ours = False
 
     @property
     def live(self) -> bool:
         return self.state in (_State.CONNECTING, _State.OPEN)
+
+    @property
+    def own(self) -> int:
+        """Bytes received from it."""
+        return self.out + self.shift + (self.mown if self.span is not None else 0)
+
+
+class _Reply:
+    """One reply in the primary's output stream (framed protocols only)."""
+
+    __slots__ = ("end", "expect", "index", "start")
+
+    def __init__(self, start: int, expect: Expect, index: int) -> None:
+        self.start = start
+        self.end = -1  # not known while the reply goes on
+        self.expect = expect
+        self.index = index  # 1 for the session's first reply
+
+    def name(self) -> str:
+        return f"reply {self.index} to {self.expect.label}"
 
 
 class Session:
@@ -168,24 +229,36 @@ class Session:
 
     # Less memory per idle session, and a misspelt attribute fails at once.
     __slots__ = (
+        "_checking",
         "_client_closing",
+        "_client_eof_first",
+        "_client_head",
         "_client_pause",
         "_ending",
         "_eof_forwarded",
         "_eof_pending",
         "_feeding",
+        "_framed_to",
+        "_framing",
         "_frontier",
         "_gate_open",
         "_half_window",
         "_linger_started",
         "_mirrors",
+        "_msgs",
         "_primary",
+        "_primary_alive",
+        "_primary_gone",
         "_primary_lost",
         "_primary_pause",
         "_promoting",
+        "_replica_eof_timer",
         "_replica_timer",
+        "_replies",
         "_route",
+        "_spans",
         "_sync",
+        "_uncompared_from",
         "_ups",
         "_window",
         "_window_base",
@@ -200,7 +273,12 @@ class Session:
         "takeovers",
     )
 
-    def __init__(self, members: Sequence[Member], limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[Member],
+        limits: Limits | None = None,
+        framing: Framing | None = None,
+    ) -> None:
         primaries = [m for m in members if m.role == "primary"]
         if len(primaries) != 1:
             raise ValueError(f"a session needs exactly one primary, got {len(primaries)}")
@@ -243,6 +321,23 @@ class Session:
         self._promoting: _Upstream | None = None
         #: The replica that replaced the primary at connect time, if any.
         self.promoted: str | None = None
+        # The primary closed its connection (reset, or closed outright): why. Input
+        # is held meanwhile: a replica must not take what the primary never did.
+        self._primary_gone: str | None = None
+        self._checking = False  # CheckPrimary asked, no answer yet
+        self._primary_alive: bool | None = None  # its answer, once there is one
+        self._replica_eof_timer = False  # REPLICA_EOF is running
+        self._client_eof_first = False  # the client ended its side before the primary
+        self._client_head = b""  # the client's first bytes (to name the protocol)
+        # Framed protocols: the primary's replies still in the window, oldest first,
+        # and those of them that may differ (not exact).
+        self._framing = framing
+        self._msgs: deque[_Reply] = deque()
+        self._spans: deque[_Reply] = deque()
+        self._framed_to = 0  # the primary's stream is framed up to here
+        #: Where each server's output became its own (after MONITOR): not compared on.
+        self._uncompared_from = -1
+        self._replies = 0  # replies of the primary's begun so far
 
     # ----------------------------------------------------------- introspection
 
@@ -256,7 +351,7 @@ class Session:
 
     def out(self, name: str) -> int:
         """Bytes received from upstream ``name`` so far."""
-        return self._ups[name].out
+        return self._ups[name].own
 
     def in_session(self, name: str) -> bool:
         """Whether ``name`` still takes part (connecting or connected)."""
@@ -272,7 +367,7 @@ class Session:
 
     def progress(self) -> int:
         """Bytes read so far from the client and every upstream: unchanged means idle."""
-        return self.received + sum(u.out for u in self._ups.values())
+        return self.received + sum(u.own for u in self._ups.values())
 
     @property
     def members(self) -> list[str]:
@@ -327,6 +422,26 @@ class Session:
         for u in self._feeding:
             u.fed += n
 
+    def frames_input(self) -> bool:
+        """Whether client bytes must go through :meth:`frame_input` before the route.
+
+        True while a framed protocol pairs replies with requests and some mirror is
+        still compared (without one, nothing needs the pairing any more).
+        """
+        f = self._framing
+        return (
+            f is not None
+            and not f.deaf
+            and not self.finished
+            and any(r.compared for r in self._mirrors)
+        )
+
+    def frame_input(self, data: bytes) -> None:
+        """Read client bytes for the requests in them (the hot path's part of
+        :meth:`handle` for ``ClientData``, while :meth:`frames_input` holds)."""
+        if self._framing is not None:
+            self._framing.request(data)
+
     def passes(self) -> bool:
         """Whether the primary's output goes straight to the client for now.
 
@@ -369,6 +484,10 @@ class Session:
             or self.client_closed
         ):
             return False
+        if self._framing is not None:
+            self._frame(start, data)
+            if self._spans:
+                return False  # a reply that may differ: compared the long way
         end = start + len(data)
         lowest = end  # the output of the compared mirror furthest behind
         for r in self._mirrors:
@@ -406,6 +525,7 @@ class Session:
             or not r.compared
             or self._sync
             or self.finished
+            or self._spans  # (framed: a reply that may differ is in the window)
             or "window" in self._primary_pause
         ):
             return False
@@ -431,6 +551,10 @@ class Session:
         data = event.data
         if self.client_eof or self._ending:
             return  # nothing may follow EOF; after the end, input goes nowhere
+        if not self._client_head:
+            self._client_head = data[:64]
+        if self._framing is not None and self.frames_input():
+            self._framing.request(data)
         if (
             self._route is None
             and self._gate_open
@@ -461,6 +585,7 @@ class Session:
         if self.client_eof:
             return
         self.client_eof = True
+        self._client_eof_first = not self._eof_pending and not self._eof_forwarded
         self._route = None
         if self._gate_open:
             for u in self._feeding:
@@ -606,6 +731,9 @@ class Session:
             u.out += len(data)  # read and dropped: never left unread in the socket
 
     def _primary_output(self, data: bytes, actions: list[Action]) -> None:
+        if self._framing is not None:
+            self._framed_primary_output(data, actions)
+            return
         p = self._primary
         start = p.out
         p.out = start + len(data)
@@ -653,6 +781,10 @@ class Session:
             self._trim_window(actions)
 
     def _mirror_output(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
+        if self._framing is not None:
+            self._feed_mirror(r, data, actions)
+            self._after_output(actions)
+            return
         start = r.out
         n = len(data)
         r.out = start + n
@@ -665,19 +797,318 @@ class Session:
             ):
                 return
         if k < n:
-            r.ahead += data[k:] if k else data
-            if not r.read_paused and len(r.ahead) > self.limits.compare_window:
-                r.read_paused = True
-                actions.append(PauseReading(r.name))
+            self._keep_ahead(r, data[k:] if k else data, actions)
             if self._eof_pending and r.role == "replica":
-                # The primary said EOF, and this replica has more to say: the primary
-                # ended early (a crash that closed with FIN, say).
-                self._takeover(f"{self._primary.name} ended its output early", actions)
                 return
         if self._sync:
             self._advance_sync(actions)
         else:
             self._trim_window(actions)
+
+    # ---------------------------------------------------- framed: by message
+    #
+    # The primary's output is framed into replies as it comes (_frame); each reply
+    # pairs with a request and has its Expect. Where replies are exact, mirrors are
+    # compared byte for byte as with bytes, each at its place in the primary's
+    # stream. A mirror that reaches the start of a reply that may differ (a span)
+    # stops there: it collects its own version of that reply (_resolving_data) and,
+    # once both versions ended, compares them under the reply's rule (_try_resolve).
+    # Equivalent: its place jumps to the end of the primary's reply, and its shift
+    # (its own byte count minus its place) takes up the difference in length.
+
+    def _after_output(self, actions: list[Action]) -> None:
+        if self._sync:
+            self._advance_sync(actions)
+        else:
+            self._trim_window(actions)
+
+    def _frame(self, start: int, data: bytes) -> None:
+        """Frame the primary's output ``data``, which sits at ``start`` in its stream."""
+        f = self._framing
+        end = start + len(data)
+        if f is None or end <= self._framed_to:
+            return
+        pos = self._framed_to - start
+        if pos < 0:  # (a gap: output passed unframed while nothing was compared)
+            f.lose()
+        self._framed_to = end
+        if f.lost:
+            return
+        msgs = self._msgs
+        base = self._window_base
+        while len(msgs) > 1 and 0 <= msgs[0].end <= base:
+            msgs.popleft()
+        n = len(data)
+        while pos < n:
+            if not msgs or msgs[-1].end >= 0:
+                expect = f.begin(data, pos)
+                if expect is None:
+                    if f.uncompared:
+                        self._uncompared_from = start + pos
+                    return  # answers no request known: bytes from here on
+                self._replies += 1
+                reply = _Reply(start + pos, expect, self._replies)
+                msgs.append(reply)
+                if not expect.exact:
+                    self._spans.append(reply)
+            else:
+                reply = msgs[-1]
+            stop = f.feed(data, pos)
+            if stop < 0:
+                if stop == GARBAGE:
+                    f.lose()
+                return
+            reply.end = start + stop
+            pos = stop
+
+    def _framed_primary_output(self, data: bytes, actions: list[Action]) -> None:
+        p = self._primary
+        if p.out < self._frontier or p.span is not None:
+            # A new primary repeating the stream the client has: compared, not sent.
+            self._feed_mirror(p, data, actions)
+            if self._ending or p is not self._primary or p.out <= self._frontier:
+                self._after_output(actions)
+                return
+            data = bytes(p.ahead)  # what goes past the stream: new output
+            p.ahead = bytearray()
+            p.out = self._frontier
+        self._new_output(data, actions)
+
+    def _new_output(self, data: bytes, actions: list[Action]) -> None:
+        """The primary's output grows by ``data`` (framed protocols)."""
+        p = self._primary
+        start = self._frontier
+        self._frame(start, data)
+        end = start + len(data)
+        p.out = self._frontier = end
+        if not self._window:
+            self._window_base = start
+        self._window += data
+        if not self._sync:
+            if not self._client_gone():
+                actions.append(Write(CLIENT, data))
+            self.delivered = end
+        for r in list(self._mirrors):
+            if not r.compared:
+                continue
+            if r.span is not None:
+                self._try_resolve(r, actions)  # the primary's reply may have ended
+            elif r.out > start:
+                ahead = bytes(r.ahead)
+                r.ahead = bytearray()
+                r.out = start
+                self._position(r, ahead, actions)
+                if r.read_paused and len(r.ahead) <= self._half_window:
+                    r.read_paused = False
+                    actions.append(ResumeReading(r.name))
+            if (
+                r.compared
+                and r.span is None
+                and r.out < self._frontier
+                and r.eof_received
+                and not r.lossy
+            ):
+                self._ended_early(r, actions)
+        self._after_output(actions)
+
+    def _feed_mirror(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
+        """``r`` sent ``data`` (framed protocols; ``r`` is compared, or a new primary
+        repeating the stream)."""
+        if r.span is not None:
+            self._resolving_data(r, data, actions)
+        else:
+            self._position(r, data, actions)
+
+    def _position(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
+        """Place ``r``'s bytes at ``r.out`` on: compare them with the primary's there,
+        up to the next reply that may differ, where ``r`` starts collecting its own."""
+        while data:
+            start = r.out
+            frontier = self._frontier
+            if start >= frontier:  # ahead of the primary: wait for it
+                r.out = start + len(data)
+                if r is self._primary:
+                    r.ahead += data  # (new output: taken at once by the caller)
+                else:
+                    self._keep_ahead(r, data, actions)
+                return
+            stop = self._uncompared_from
+            if 0 <= stop <= start:
+                # Each server's own stream from here on (MONITOR): nothing to compare.
+                self._stop_comparing(r, actions)
+                actions.append(Report("compare_lost", r.name, "its output is its own from here on"))
+                return
+            span = None
+            for reply in self._spans:
+                if reply.start >= start:
+                    span = reply
+                    break
+            limit = frontier if span is None else span.start
+            if 0 <= stop < limit:
+                limit = stop
+            k = min(len(data), limit - start)
+            if k > 0:
+                base = self._window_base
+                if not _same(self._window, start - base, data, 0, k):
+                    self._mismatch(r, start, data, k, actions)
+                    return
+                r.out = start + k
+                data = data[k:]
+            if span is not None and r.out == span.start and data:
+                r.span = span
+                r.mbuf = bytearray()
+                r.mown = 0
+                r.mlen = -1
+                r.mkept = True
+                assert self._framing is not None
+                r.mparser = self._framing.parser(span.expect)
+                self._resolving_data(r, data, actions)
+                return
+
+    def _resolving_data(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
+        """``r`` sent ``data`` inside its version of a reply that may differ."""
+        span = r.span
+        assert span is not None and r.mparser is not None
+        before = r.mown
+        r.mown = before + len(data)
+        if r.mlen < 0:
+            stop = r.mparser.feed(data, 0)
+            if stop == GARBAGE:
+                self._diverged(r, f"{span.name()}: {r.name}'s reply cannot be read as one", actions)
+                return
+            if stop >= 0:
+                r.mlen = before + stop
+        if r.mkept:
+            r.mbuf += data
+            if r.mlen < 0 and len(r.mbuf) > self.limits.compare_window:
+                if not span.expect.ignored:
+                    self._too_long(r, actions)
+                    return
+                r.mkept = False  # only where it ends matters: stop keeping it
+                r.mbuf = bytearray()
+        elif r.mlen >= 0:
+            r.mbuf += data[max(0, r.mlen - before) :]  # what follows the ignored reply
+        self._try_resolve(r, actions)
+
+    def _too_long(self, r: _Upstream, actions: list[Action]) -> None:
+        """``r``'s version of a reply outgrew compare_window before it ended."""
+        span = r.span
+        assert span is not None
+        detail = (
+            f"{span.name()} is longer than compare_window ({self.limits.compare_window} "
+            f"bytes) and compared {span.expect.kind}: it cannot be compared"
+        )
+        if self._sync and r.role == "replica":
+            self._drop(r, detail + " (raise compare_window)", actions)
+        else:
+            self._stop_comparing(r, actions)
+            actions.append(Report("compare_lost", r.name, detail))
+
+    def _try_resolve(self, r: _Upstream, actions: list[Action]) -> None:
+        """Compare ``r``'s version of its current reply with the primary's, once both ended."""
+        span = r.span
+        if span is None:
+            return
+        if span.end < 0 and self._framing is not None and self._framing.lost:
+            # The primary's version could not be framed to its end: nothing to compare.
+            self._stop_comparing(r, actions)
+            actions.append(Report("compare_lost", r.name, f"{span.name()} could not be framed"))
+            return
+        if r.mlen < 0 or span.end < 0:
+            if (
+                r.mlen >= 0
+                and len(r.mbuf) - r.mlen > self.limits.compare_window
+                and not r.read_paused
+                and r is not self._primary
+            ):
+                r.read_paused = True
+                actions.append(PauseReading(r.name))
+            return
+        expect = span.expect
+        length = span.end - span.start
+        base = self._window_base
+        if r.mkept:
+            mine = bytes(r.mbuf[: r.mlen])
+            rest = bytes(r.mbuf[r.mlen :])
+        else:
+            mine = b""
+            rest = bytes(r.mbuf)
+        if expect.ignored:
+            differs = r.mlen != length or (
+                r.mkept
+                and span.start >= base
+                and self._window[span.start - base : span.end - base] != mine
+            )
+        else:
+            theirs = bytes(self._window[span.start - base : span.end - base])
+            if not expect.equivalent(theirs, mine):
+                self._diverged(
+                    r, f"{span.name()} {expect.difference(theirs, mine, r.name)}", actions
+                )
+                return
+            differs = theirs != mine
+        if differs:
+            actions.append(Report("allowed", r.name, expect.label))
+        shift = r.shift + r.mlen - length
+        self._clear_span(r)
+        r.shift = shift  # (rest, placed below, counts on from there)
+        r.out = span.end
+        r.mlen = -1
+        if rest:
+            self._feed_mirror(r, rest, actions)
+        if r.read_paused and len(r.ahead) <= self._half_window and r.span is None:
+            r.read_paused = False
+            actions.append(ResumeReading(r.name))
+
+    def _clear_span(self, r: _Upstream) -> None:
+        """``r`` is no longer inside a reply of its own (its byte count stays)."""
+        if r.span is not None:
+            r.shift += r.mown
+            r.span = None
+            r.mbuf = bytearray()
+            r.mown = 0
+            r.mparser = None
+
+    def _mismatch(
+        self, r: _Upstream, start: int, data: bytes, k: int, actions: list[Action]
+    ) -> None:
+        """``data[:k]`` differs from the primary's stream at ``start`` (framed protocols)."""
+        base = self._window_base
+        theirs = bytes(self._window[start - base : start - base + k])
+        i = next(i for i in range(k) if data[i] != theirs[i])
+        at = start + i
+        where = f"output differs at offset {at}"
+        for reply in self._msgs:
+            if reply.start <= at and (reply.end < 0 or at < reply.end):
+                where = f"{reply.name()} differs at its byte {at - reply.start}"
+                break
+        self._diverged(r, f"{where}: {side_by_side(theirs, data, r.name, i)}", actions)
+
+    def _hold(self, r: _Upstream) -> int:
+        """Where in the window ``r`` still needs the primary's stream from."""
+        span = r.span
+        if span is not None and span.expect.ignored:
+            return span.end if span.end >= 0 else self._frontier
+        return r.out
+
+    def _confirmed(self, r: _Upstream) -> int:
+        """How far ``r`` vouches for the primary's stream (sync mode): its place, or,
+        inside an ignored reply it has begun, the end of the primary's version (having
+        begun its reply, it has run the request)."""
+        span = r.span
+        if span is not None and span.expect.ignored and r.mown:
+            return span.end if span.end >= 0 else self._frontier
+        return r.out
+
+    def _keep_ahead(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
+        """Keep a mirror's output beyond the primary's until the primary gets there."""
+        r.ahead += data
+        if not r.read_paused and len(r.ahead) > self.limits.compare_window:
+            r.read_paused = True
+            actions.append(PauseReading(r.name))
+        if self._eof_pending and r.role == "replica":
+            # The primary ended, and this replica has more to say (see _check_eof).
+            self._check_eof(actions)
 
     def _compare(
         self,
@@ -703,6 +1134,12 @@ class Session:
             )
             pv.release()
             mv.release()
+        guess = guess_protocol(self._client_head)
+        if guess is not None:
+            detail += (
+                f' (the streams look like {guess.upper()}: with protocol = "{guess}" replies '
+                "are compared as messages, by that protocol's rules)"
+            )
         self._diverged(r, detail, actions)
         return False
 
@@ -710,8 +1147,22 @@ class Session:
         """``r`` closed before producing what the primary did: dead, or answering less.
 
         Either way it cannot vouch for the primary any more, and it may not have
-        read its input: it leaves the session, and a replica becomes stale.
+        read its input: it leaves the session, and a replica becomes stale. Unless it
+        ended after it got all the client's input and its EOF: a server may close on
+        EOF with replies unsent (Redis does), which says nothing about what it took.
         """
+        if self._has_all_input(r) and r.after_ours:
+            if r.compared:
+                self._stop_comparing(r, actions)
+                actions.append(
+                    Report(
+                        "compare_lost",
+                        r.name,
+                        f"closed at offset {r.out}, before the primary's {self._frontier} "
+                        "bytes, once it had the client's EOF: replies left unsent",
+                    )
+                )
+            return
         r.matched = False
         self._drop(
             r,
@@ -721,6 +1172,11 @@ class Session:
         )
 
     def _diverged(self, r: _Upstream, detail: str, actions: list[Action]) -> None:
+        if r is self._primary:
+            # A new primary repeating the stream answered otherwise: never splice.
+            actions.append(Report("divergence", r.name, f"{detail}; closing instead of splicing"))
+            self._end("diverged", actions)
+            return
         r.matched = False
         self._stop_comparing(r, actions)
         actions.append(Report("divergence", r.name, detail))
@@ -732,6 +1188,7 @@ class Session:
     def _stop_comparing(self, r: _Upstream, actions: list[Action]) -> None:
         r.compared = False
         r.ahead = bytearray()
+        self._clear_span(r)
         if r.read_paused:
             r.read_paused = False
             actions.append(ResumeReading(r.name))
@@ -755,9 +1212,9 @@ class Session:
     def _advance_sync(self, actions: list[Action]) -> None:
         """Sync mode: give the client what every in-sync replica has confirmed."""
         # A new primary repeating the stream vouches only for what it repeated so far.
-        confirmed = min(self._frontier, self._primary.out)
+        confirmed = min(self._frontier, self._confirmed(self._primary))
         for r in self._participants():
-            confirmed = min(confirmed, r.out)
+            confirmed = min(confirmed, self._confirmed(r))
         if confirmed > self.delivered:
             if not self._client_gone():
                 lo = self.delivered - self._window_base
@@ -783,10 +1240,13 @@ class Session:
         By a compared mirror yet to match it, the client yet to get it (sync mode),
         or a new primary yet to repeat it.
         """
-        need = min(self._frontier, self._primary.out, self.delivered)
+        p = self._primary
+        need = min(self._frontier, p.out if p.span is None else self._hold(p), self.delivered)
         for r in self._mirrors:
-            if r.compared and r.out < need:
-                need = r.out
+            if r.compared:
+                hold = r.out if r.span is None else self._hold(r)
+                if hold < need:  # noqa: PLR1730 (min() would be a call per chunk)
+                    need = hold
         return need
 
     def _trim_window(self, actions: list[Action]) -> None:
@@ -801,15 +1261,16 @@ class Session:
                 return
             if frontier - need <= self.limits.compare_window:
                 break
-            if self._sync or need in (self.delivered, self._primary.out):
+            if self._sync or need in (self.delivered, self._hold(self._primary)):
                 # Sync mode never stops comparing a replica it waits for: hold the
                 # primary instead, until the replicas catch up or time out.
                 self._pause_primary("window", actions)
                 break
             for r in self._mirrors:
-                if r.compared and r.out == need:
+                if r.compared and self._hold(r) == need:
                     r.compared = False
                     r.ahead = bytearray()
+                    self._clear_span(r)
                     actions.append(
                         Report(
                             "compare_lost",
@@ -824,6 +1285,9 @@ class Session:
         if drop > 0:
             del self._window[:drop]
             self._window_base = need
+        spans = self._spans
+        while spans and 0 <= spans[0].end <= need:
+            spans.popleft()
 
     def _splice_refused(self, offset: int, data: bytes, actions: list[Action]) -> None:
         """The new primary's output differs from what the client already has: stop."""
@@ -844,12 +1308,25 @@ class Session:
 
     # ---------------------------------------------------------------- takeover
 
-    def _takeover(self, reason: str, actions: list[Action]) -> None:
-        """The primary failed mid-session: continue the client's stream from a replica."""
+    def _takeover(self, reason: str, actions: list[Action], *, local: bool = False) -> None:
+        """The primary failed mid-session: continue the client's stream from a replica.
+
+        ``local``: the primary did not fail, it ended the session, and the replica
+        gives the client the rest of its answer; nobody is promoted.
+        """
         old = self._primary
         if self._ending:
             return
-        candidates = [r for r in self._participants() if r.state is _State.OPEN]
+        usable = [
+            r
+            for r in self._mirrors
+            if r.role == "replica"
+            and r.compared
+            and (r.state is _State.OPEN or r.eof_received)
+            and self._can_continue(r)
+        ]
+        # One that still reads and writes first; one that ended has its last words.
+        candidates = [r for r in usable if r.state is _State.OPEN] or usable
         if self._client_gone() or not candidates:
             actions.append(
                 Report(
@@ -864,15 +1341,22 @@ class Session:
         self._abort(old, actions)
         self._forget(old, actions)
         self._mirrors.remove(r)
-        self._feeding.remove(r)
-        self._feeding.insert(0, r)
+        if r in self._feeding:
+            self._feeding.remove(r)
+            self._feeding.insert(0, r)
         self._route = None
         r.role = "primary"
         r.compared = False
         self._primary = r
-        self.takeovers += 1
-        self.promoted = r.name
-        if r.out > self._frontier:
+        if not local:
+            self.takeovers += 1
+            self.promoted = r.name
+        self._checking = False  # (an answer about the old primary no longer matters)
+        self._primary_alive = None
+        offset = self.delivered
+        if self._framing is not None:
+            self._framed_takeover(r, actions)
+        elif r.out > self._frontier:
             # r is ahead: its extra bytes (already compared with nothing) extend the stream.
             start = self._frontier
             extra = bytes(r.ahead)
@@ -885,49 +1369,210 @@ class Session:
                 self._window_base = start
             self._window += extra
             self._frontier = r.out
-        r.ahead = bytearray()
-        offset = self.delivered
-        if self._sync:
-            self._advance_sync(actions)
-        else:
-            tail = self._frontier - self.delivered
-            if tail > 0 and not self._client_gone():
-                lo = self.delivered - self._window_base
-                actions.append(Write(CLIENT, bytes(self._window[lo : lo + tail])))
-            self.delivered = self._frontier
-            self._trim_window(actions)
-        actions.append(Promote(r.name, old.name, reason, "midsession"))
-        actions.append(
-            Report("takeover", r.name, f"took over from {old.name} at offset {offset}: {reason}")
-        )
+        if self._framing is None:
+            r.ahead = bytearray()
+            if self._sync:
+                self._advance_sync(actions)
+            else:
+                tail = self._frontier - self.delivered
+                if tail > 0 and not self._client_gone():
+                    lo = self.delivered - self._window_base
+                    actions.append(Write(CLIENT, bytes(self._window[lo : lo + tail])))
+                self.delivered = self._frontier
+                self._trim_window(actions)
+        if self._ending:
+            return
+        if not local:
+            actions.append(Promote(r.name, old.name, reason, "midsession"))
+            actions.append(
+                Report(
+                    "takeover", r.name, f"took over from {old.name} at offset {offset}: {reason}"
+                )
+            )
         # The old primary's pauses do not apply to the new one.
         self._resume_client("primary", actions)
         if self._primary_pause:
             actions.append(PauseReading(r.name))
         self._eof_pending = False
         actions.append(CancelTimer(Timer.PRIMARY_EOF))
+        if self._primary_gone is not None and not local:
+            # The input held while the old primary's fate was open goes on, to everyone.
+            self._primary_gone = None
+            self._gate_open = True
+            for m in self._feeding:
+                if m.state is _State.OPEN:
+                    self._release_held(m, actions)
+            self._resume_client("primary_gone", actions)
         if r.eof_received:
             self._primary_eof(actions)
 
+    def _can_continue(self, r: _Upstream) -> bool:
+        """Whether the client's stream can go on from ``r``'s (framed protocols): not
+        where the client has part of a reply that ``r`` answered otherwise."""
+        if self._framing is None:
+            return True
+        delivered = self.delivered
+        msgs = self._msgs
+        last = msgs[-1] if msgs else None
+        if last is not None and last.end < 0 and not last.expect.exact and delivered > last.start:
+            # The client has part of a reply the old primary will never finish: only
+            # a replica whose version starts with the same bytes can go on with it.
+            have = delivered - last.start
+            base = self._window_base
+            return (
+                r.span is last
+                and r.mkept
+                and len(r.mbuf) >= have
+                and r.mbuf[:have] == self._window[last.start - base : delivered - base]
+            )
+        span = r.span
+        if span is None:
+            return True
+        if span.end >= 0:
+            return not span.start < delivered < span.end
+        return r.mkept
+
+    def _framed_takeover(self, r: _Upstream, actions: list[Action]) -> None:
+        """``r`` is the primary now (framed protocols): join its stream to the client's."""
+        msgs = self._msgs
+        last = msgs[-1] if msgs else None
+        if last is not None and last.end < 0 and not last.expect.exact:
+            if self.delivered <= last.start:
+                self._cut(last, actions)
+            else:
+                self._go_on_inside(last, r, actions)
+        if r.span is None and r.out > self._frontier:
+            # Ahead of the stream: its extra bytes are the new primary's output.
+            extra = bytes(r.ahead)
+            r.ahead = bytearray()
+            r.out = self._frontier
+            self._new_output(extra, actions)
+        else:
+            # Behind it, or inside a reply of its own: it repeats the stream (compared,
+            # not sent again) until it passes the end.
+            self._try_resolve(r, actions)
+            if not self._ending:
+                self._after_output(actions)
+
+    def _go_on_inside(self, last: _Reply, r: _Upstream, actions: list[Action]) -> None:
+        """The client has part of ``last``, which the old primary never finished, and
+        ``r``'s version starts with the same bytes: it finishes it, byte for byte."""
+        self._spans.remove(last)
+        for m in self._mirrors:
+            if m.span is last:  # its own version may differ from r's: not comparable
+                self._stop_comparing(m, actions)
+                actions.append(Report("compare_lost", m.name, f"{last.name()} was cut short"))
+        mine = bytes(r.mbuf)
+        shift = r.shift
+        self._clear_span(r)
+        r.shift = shift
+        r.out = last.start
+        self._position(r, mine, actions)  # (equal up to the frontier; the rest is ahead)
+
+    def _cut(self, last: _Reply, actions: list[Action]) -> None:
+        """The old primary stopped inside ``last``, a reply the client has none of:
+        drop the old version; the new primary's will take its place."""
+        cut = last.start
+        self._msgs.pop()
+        if self._spans and self._spans[-1] is last:
+            self._spans.pop()
+        self._replies -= 1
+        assert self._framing is not None
+        self._framing.unbegin([last.expect])
+        del self._window[cut - self._window_base :]
+        self._frontier = self._framed_to = cut
+        for m in [self._primary, *self._mirrors]:
+            if m.span is not last:
+                continue
+            if m.mkept:
+                ahead = bytes(m.mbuf)
+                shift = m.shift
+                self._clear_span(m)
+                m.shift = shift
+                m.out = cut + len(ahead)
+                m.ahead = bytearray(ahead)
+            else:
+                self._stop_comparing(m, actions)
+                actions.append(Report("compare_lost", m.name, f"{last.name()} was cut short"))
+
     # --------------------------------------------------------------------- EOF
+    #
+    # Who ended the session (DESIGN.md "Failover"): when the primary closes or
+    # resets and every matched replica ends at the same place within close_grace,
+    # the server ended it: the client gets the close, nobody is stale, no failover.
+    # When a matched replica keeps its connection open past close_grace, the
+    # primary is checked (CheckPrimary): gone, and the replica takes over; alive,
+    # and it ended this session itself. A replica that ends while the primary goes
+    # on is stale (it may have missed input), unless the primary ends at the same
+    # place within close_grace.
 
     def _primary_eof(self, actions: list[Action]) -> None:
         self._eof_pending = True
         self._check_eof(actions)
 
     def _check_eof(self, actions: list[Action]) -> None:
-        """Pass the primary's EOF on once every in-sync replica ended at the same offset."""
+        """Pass the primary's end on once every in-sync replica ended at the same place."""
         if not self._eof_pending or self._eof_forwarded or self._ending:
             return
-        participants = self._participants()
-        for r in participants:
-            if r.out > self._frontier:
-                self._takeover(f"{self._primary.name} ended its output early", actions)
-                return
-        if all(r.eof_received and r.out == self._frontier for r in participants):
-            self._forward_eof(actions)
-        else:
+        ended = True
+        for r in self._mirrors:
+            if r.role != "replica" or not r.compared:
+                continue
+            if self._says_more(r):
+                if self._primary_gone is None and r.live and not r.eof_received:
+                    # It has more to say than the primary, which closed its side
+                    # cleanly (nothing of it was lost on the way): the primary ended
+                    # early, a process that crashed mid-reply, say.
+                    self._takeover(f"{self._primary.name} ended its output early", actions)
+                    return
+                # The primary's connection broke (its last bytes may never have been
+                # read), or the replica ended too: was it the server's decision?
+                if self._primary_alive is None:
+                    self._check_primary(actions)
+                    return
+                if r.eof_received:
+                    # It was, and the replica ended too: the client gets the replica's
+                    # answer, and the close.
+                    self._takeover(f"{self._primary.name} ended the session", actions, local=True)
+                    return
+                ended = False  # (let it finish, within close_grace)
+            elif not self._ended_with_primary(r):
+                ended = False
+        if ended:
+            self._server_ended(actions)
+        elif not self._checking:
             actions.append(StartTimer(Timer.PRIMARY_EOF, self.limits.close_grace))
+
+    def _ended_with_primary(self, r: _Upstream) -> bool:
+        """Whether ``r`` ended where the primary did (or as far as can be seen: a broken
+        connection may have lost its last bytes)."""
+        return r.eof_received and r.span is None and (r.out == self._frontier or r.lossy)
+
+    def _says_more(self, r: _Upstream) -> bool:
+        """Whether ``r`` sent output past the primary's stream: a longer reply, or one
+        it finished where the primary's stopped."""
+        span = r.span
+        return r.out > self._frontier or (span is not None and span.end < 0 and r.mlen >= 0)
+
+    def _check_primary(self, actions: list[Action]) -> None:
+        if not self._checking:
+            self._checking = True
+            actions.append(CheckPrimary(self._primary.name))
+
+    def _server_ended(self, actions: list[Action]) -> None:
+        """The primary ended the session, and no replica says it failed: pass the end on."""
+        for r in self._mirrors:
+            if r.compared and self._ended_with_primary(r):
+                r.vouched = True  # it took what the primary took before ending
+        if self._sync:
+            # Sync mode: what the primary said last goes out now that every replica
+            # has ended (one whose connection broke cannot confirm it any more).
+            self._advance_sync(actions)
+        if self._primary_gone is not None or self._primary.state is _State.CLOSED:
+            self._eof_pending = False
+            self._end("server_closed", actions)  # (input held since is dropped)
+        else:
+            self._forward_eof(actions)
 
     def _forward_eof(self, actions: list[Action]) -> None:
         self._eof_pending = False
@@ -946,39 +1591,139 @@ class Session:
             return
         u.eof_received = True
         u.fed_at_eof = u.fed
+        u.after_ours = u.eof_sent
         if u is self._primary:
             self._primary_eof(actions)
             return
         if self._ending:
             self._close(u, actions)
             return
-        if u.compared and u.out < self._frontier:
-            self._ended_early(u, actions)
-        else:
+        self._mirror_ended(u, actions)
+
+    def _mirror_ended(self, u: _Upstream, actions: list[Action]) -> None:
+        """A replica or shadow ended its side (EOF, or a close) before the session did."""
+        if (
+            u.compared
+            and not u.lossy
+            and ((u.span is None and u.out < self._frontier) or (u.span is not None and u.mlen < 0))
+        ):
+            self._ended_early(u, actions)  # short of what the primary said: lost, or worse
+            return
+        if self._eof_pending:
             self._check_eof(actions)
+            return
+        if u.role != "replica" or self._has_all_input(u):
+            return  # (a shadow vouches for nothing; it is closed with the session)
+        if not u.compared:
+            # Not compared any more, so it cannot show it ended where the primary will.
+            self._drop(u, "ended its side of the session while the primary did not", actions)
+            return
+        if not self._replica_eof_timer:
+            self._replica_eof_timer = True
+            actions.append(StartTimer(Timer.REPLICA_EOF, self.limits.close_grace))
 
     def _on_upstream_closed(self, event: UpstreamClosed, actions: list[Action]) -> None:
         u = self._ups[event.name]
         was = u.state
         u.state = _State.CLOSED
         self._route = None
-        self._forget(u, actions)
         if was is _State.CLOSING:
+            self._forget(u, actions)
             if u.role == "replica":
                 missed = self._may_have_missed_input(u, event.error)
                 if missed:
                     actions.append(MarkStale(u.name, missed))
             return
         if was is _State.CLOSED:
+            self._forget(u, actions)
             return
         reason = event.error or "closed by the backend"
         if u is self._primary:
-            self._takeover(f"connection to {u.name} lost: {reason}", actions)
+            self._forget(u, actions)
+            self._primary_closed(reason, actions)
             return
+        if u.role == "replica" and u.compared and not self._ending:
+            # Its connection ended: if where the primary's will, the server ended the
+            # session; if not, _mirror_ended and the timers make it stale.
+            if u in self._feeding:
+                self._feeding.remove(u)
+            u.held.clear()
+            u.held_size = 0
+            if not u.eof_received:
+                u.eof_received = True
+                u.fed_at_eof = u.fed
+                u.after_ours = u.eof_sent
+                u.lossy = event.error is not None
+                self._mirror_ended(u, actions)
+            if u.state is _State.CLOSED and u.compared:
+                self._check_min_in_sync(actions)
+            return
+        if u.eof_received and u.vouched:
+            self._forget(u, actions)
+            return
+        self._forget(u, actions)
         actions.append(Report("dropped", u.name, f"connection lost: {reason}"))
         if u.role == "replica":
             actions.append(MarkStale(u.name, f"connection lost mid-session: {reason}"))
             self._check_min_in_sync(actions)
+
+    def _has_all_input(self, u: _Upstream) -> bool:
+        """Whether ``u`` ended its side with every byte the client will ever send."""
+        return self.client_eof and u.fed_at_eof >= self.received
+
+    def _primary_closed(self, reason: str, actions: list[Action]) -> None:
+        """The primary's connection is gone (reset, or closed outright)."""
+        if self._eof_forwarded:
+            # Its end was passed on already (it ended the session): now nobody takes
+            # the client's input any more.
+            self._end("server_closed", actions)
+            return
+        self._primary_gone = f"connection to {self._primary.name} lost: {reason}"
+        # Until it is known whether it failed, the client's input waits: a replica
+        # must not take what the primary never did.
+        self._gate_open = False
+        self._route = None
+        self._pause_client("primary_gone", actions)
+        if self._eof_pending:
+            self._check_eof(actions)
+        else:
+            self._primary_eof(actions)
+
+    def _on_primary_checked(self, event: PrimaryChecked, actions: list[Action]) -> None:
+        if not self._checking or event.name != self._primary.name:
+            return
+        self._checking = False
+        if self._ending or not self._eof_pending:
+            return
+        self._primary_alive = event.alive
+        if not event.alive:
+            why = self._primary_gone or f"{event.name} ended its side of the session"
+            self._takeover(f"{why}, and it is down: {event.reason}", actions)
+            return
+        # Alive: it ended this session on purpose (a protocol error, QUIT, a timeout).
+        if any(r.role == "replica" and r.compared and self._says_more(r) for r in self._mirrors):
+            # A replica answered more than came through the primary's broken
+            # connection: its answer is the client's, once it ended too.
+            self._check_eof(actions)
+            return
+        self._alive_and_done(actions)
+
+    def _alive_and_done(self, actions: list[Action]) -> None:
+        """The primary is alive and ended this session: pass the end on."""
+        if self._sync:
+            for r in self._participants():
+                if self._confirmed(r) < self._frontier:
+                    self._drop(
+                        r,
+                        f"did not confirm the primary's last "
+                        f"{self._frontier - self._confirmed(r)} bytes within close_grace "
+                        f"({self.limits.close_grace} s)",
+                        actions,
+                    )
+            if self._ending:
+                return
+            self._advance_sync(actions)
+        self._server_ended(actions)
 
     def _may_have_missed_input(self, u: _Upstream, error: str | None) -> str | None:
         """Why a replica that we closed may not have read all its input, or None.
@@ -987,6 +1732,8 @@ class Session:
         read what had reached it. Input handed to it after its EOF went to a closed
         socket, which is fine only where the primary had closed at the same point.
         """
+        if u.vouched:
+            return None
         if u.eof_received:
             p = self._primary
             if u.fed > u.fed_at_eof and not (p.eof_received and p.fed_at_eof <= u.fed_at_eof):
@@ -1041,21 +1788,44 @@ class Session:
             if not self.client_closed:
                 actions.append(Abort(CLIENT))
         elif timer is Timer.PRIMARY_EOF:
-            if not self._eof_pending or self._ending:
+            if not self._eof_pending or self._ending or self._checking:
                 return
-            if self._sync:
-                for r in self._participants():
-                    if r.out < self._frontier:
-                        self._drop(
-                            r,
-                            f"did not confirm the primary's last {self._frontier - r.out} bytes "
-                            f"within close_grace ({self.limits.close_grace} s)",
-                            actions,
-                        )
-                if self._ending:
-                    return
-                self._advance_sync(actions)
-            self._forward_eof(actions)
+            for r in self._mirrors:
+                if (
+                    r.role == "replica"
+                    and r.compared
+                    and not r.live
+                    and not self._ended_with_primary(r)
+                    and not self._says_more(r)
+                ):
+                    self._ended_early(r, actions)  # closed, short of the primary's end
+            if self._ending:
+                return
+            if not self._participants():
+                self._server_ended(actions)
+            elif self._primary_alive is None:
+                # A matched replica kept its connection: did the primary fail?
+                self._check_primary(actions)
+            else:
+                self._alive_and_done(actions)  # (a replica with more to say did not end)
+        elif timer is Timer.REPLICA_EOF:
+            self._replica_eof_timer = False
+            if self._ending or self._eof_pending:
+                return
+            for r in list(self._mirrors):
+                if (
+                    r.role == "replica"
+                    and r.eof_received
+                    and (r.live or r.compared)  # (not one dropped already)
+                    and not r.vouched
+                    and not self._has_all_input(r)
+                ):
+                    self._drop(
+                        r,
+                        f"ended its side of the session and the primary did not within "
+                        f"close_grace ({self.limits.close_grace} s): it may have missed input",
+                        actions,
+                    )
         elif timer is Timer.REPLICA_TIMEOUT:
             self._replica_timer = False
             if self._ending:
@@ -1116,6 +1886,7 @@ class Session:
         if u.compared:
             u.compared = False
             u.ahead = bytearray()
+            self._clear_span(u)
             self._after_mirror_change(actions)
 
     def _drop(
@@ -1174,7 +1945,8 @@ class Session:
     def _maybe_end(self, actions: list[Action]) -> None:
         """The normal end: the client and the primary have both finished sending."""
         if self.client_eof and self._eof_forwarded and not self._ending:
-            self._end("ok", actions)
+            # Who ended first: the client ("ok"), or the server ("server_closed").
+            self._end("ok" if self._client_eof_first else "server_closed", actions)
 
     def _end(self, outcome: str, actions: list[Action]) -> None:
         """Wind the session down; the client's input reaches every upstream first."""
@@ -1260,6 +2032,7 @@ _HANDLERS: dict[type[Event], Callable[[Session, Any, list[Action]], None]] = {
     TimerFired: Session._on_timer,
     IdleTimeout: Session._on_idle,
     PromoteResult: Session._on_promote_result,
+    PrimaryChecked: Session._on_primary_checked,
     PrimaryDown: Session._on_primary_down,
     Shutdown: Session._on_shutdown,
 }

@@ -21,6 +21,7 @@ from replicaproxy.core.events import (
     Abort,
     Action,
     CancelTimer,
+    CheckPrimary,
     ClientClosed,
     ClientData,
     ClientEof,
@@ -31,6 +32,7 @@ from replicaproxy.core.events import (
     IdleTimeout,
     MarkStale,
     PauseReading,
+    PrimaryChecked,
     PrimaryDown,
     Promote,
     PromoteResult,
@@ -76,6 +78,7 @@ class SessionHost(Protocol):
     def promote_failed(self, old: str, new: str, reason: str, sid: int, kind: str) -> bool: ...
     def report(self, kind: str, name: str, detail: str, sid: int) -> None: ...
     def session_finished(self, driver: SessionDriver, outcome: str) -> None: ...
+    def check_alive(self, name: str, answer: Callable[[bool, str], None]) -> None: ...
 
 
 def _describe(exc: BaseException | None) -> str | None:
@@ -162,6 +165,7 @@ class SessionDriver:
         self._out_name: str | None = None
         self._out = 0
         self._primary_name: str | None = None  # (None: ask checked() first; it knows)
+        self._frames = False  # client bytes go through the session's framer first
 
     # ---------------------------------------------------------------- events
 
@@ -272,6 +276,8 @@ class SessionDriver:
             else:
                 self._dispatch(self.session.handle, ClientData(data))
             return
+        if self._frames:
+            self.session.frame_input(data)
         n = len(data)
         self._in += n
         later = self._later
@@ -327,6 +333,7 @@ class SessionDriver:
                         now.append(t)
             self._now = tuple(now)
             self._later = tuple(later)
+            self._frames = s.frames_input()
         self._primary_name = s.primary
         self._out_name = self._primary_name if s.passes() else None
 
@@ -440,6 +447,11 @@ class SessionDriver:
             self.feed(PromoteResult(action.name, ok))
         elif isinstance(action, Report):
             self.host.report(action.kind, action.name, action.detail, self.sid)
+        elif isinstance(action, CheckPrimary):
+            name = action.name
+            self.host.check_alive(
+                name, lambda alive, reason: self.feed(PrimaryChecked(name, alive, reason))
+            )
         elif isinstance(action, Finished):
             self._finish(action.outcome)
         else:

@@ -1,0 +1,414 @@
+"""Tier 1: sessions framed by protocol (RESP), replies compared as messages."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_session import Harness, P, R, _answer_checks, _cut, connected
+
+from replicaproxy.core.events import (
+    CLIENT,
+    CheckPrimary,
+    ClientData,
+    Event,
+    PrimaryChecked,
+    PrimaryDown,
+    Promote,
+    StartTimer,
+    Timer,
+    TimerFired,
+    UpstreamClosed,
+    UpstreamData,
+    UpstreamEof,
+)
+from replicaproxy.core.resp import RespFraming, RespParser, RespRules
+
+RULES = RespRules()
+
+
+def resp(**limits: Any) -> Harness:
+    return connected((P, "primary"), (R, "replica"), framing=RespFraming(RULES), **limits)
+
+
+def bulk(text: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(text), text)
+
+
+def array(*items: bytes) -> bytes:
+    return b"*%d\r\n" % len(items) + b"".join(bulk(i) for i in items)
+
+
+def command(*args: bytes) -> bytes:
+    return array(*args)
+
+
+def test_a_set_in_another_order_is_no_divergence_and_is_counted() -> None:
+    h = resp()
+    h(ClientData(command(b"SMEMBERS", b"s") + command(b"GET", b"k")))
+    h(UpstreamData(P, array(b"a", b"b", b"c") + bulk(b"v")))
+    h(UpstreamData(R, array(b"c", b"a", b"b") + bulk(b"v")))
+    assert not h.reports("divergence")
+    [allowed] = h.reports("allowed")
+    assert allowed.name == R and allowed.detail == "SMEMBERS"
+    assert h.written[CLIENT] == array(b"a", b"b", b"c") + bulk(b"v")
+    assert h.session.matched(R)
+    assert h.session.out(R) == len(array(b"c", b"a", b"b") + bulk(b"v"))
+
+
+def test_an_exact_reply_that_differs_is_a_divergence_named_by_its_request() -> None:
+    h = resp()
+    h(ClientData(command(b"SMEMBERS", b"s") + command(b"GET", b"k")))
+    h(UpstreamData(P, array(b"a", b"b") + bulk(b"value-1")))
+    h(UpstreamData(R, array(b"b", b"a") + bulk(b"value-2")))
+    [report] = h.reports("divergence")
+    assert report.detail.startswith("reply 2 to GET differs at its byte 10:"), report.detail
+    assert '"1\\r\\n"' in report.detail and '"2\\r\\n"' in report.detail
+    assert R in h.stale(), "divergence = stale is the default"
+
+
+def test_a_set_with_other_members_is_a_divergence_that_names_them() -> None:
+    h = resp()
+    h(ClientData(command(b"SMEMBERS", b"s")))
+    h(UpstreamData(P, array(b"a", b"b")))
+    h(UpstreamData(R, array(b"b", b"x")))
+    [report] = h.reports("divergence")
+    assert report.detail.startswith("reply 1 to SMEMBERS differs (compared in any order)")
+    assert 'only the primary\'s: "a"' in report.detail and 'only r\'s: "x"' in report.detail
+
+
+def test_an_ignored_reply_of_another_length_shifts_the_comparison_after_it() -> None:
+    h = resp()
+    h(ClientData(command(b"INFO") + command(b"GET", b"k") + command(b"GET", b"j")))
+    h(UpstreamData(P, bulk(b"uptime:12") + bulk(b"one")))
+    h(UpstreamData(R, bulk(b"uptime:123456") + bulk(b"one") + bulk(b"tw")))  # replica ahead
+    h(UpstreamData(P, bulk(b"two")))
+    [report] = h.reports("divergence")
+    assert report.detail.startswith("reply 3 to GET differs"), report.detail
+
+
+@pytest.mark.parametrize("crash", ["reset", "down", "eof"])
+def test_takeover_after_an_ignored_reply_continues_with_the_replicas_next_reply(
+    crash: str,
+) -> None:
+    h = resp()
+    h(ClientData(command(b"HELLO", b"3") + command(b"GET", b"k")))
+    h(UpstreamData(P, bulk(b"id:7") + bulk(b"v")))  # the client has both replies
+    h(UpstreamData(R, bulk(b"id:1234")))  # the replica is behind: one reply so far
+    crash_event: Event = {
+        "reset": UpstreamClosed(P, "ConnectionResetError"),
+        "down": PrimaryDown("health"),
+        "eof": UpstreamEof(P),
+    }[crash]
+    h(crash_event)
+    if crash != "down":
+        assert StartTimer(Timer.PRIMARY_EOF, 0.2) in h.actions
+        assert h(TimerFired(Timer.PRIMARY_EOF)) == [CheckPrimary(P)]
+        h(PrimaryChecked(P, alive=False, reason="Connection refused"))
+    assert h.session.primary == R
+    [promote] = [a for a in h.actions if isinstance(a, Promote)]
+    assert (promote.name, promote.old, promote.kind) == (R, P, "midsession")
+    h(UpstreamData(R, bulk(b"v")))  # repeats what the client has: compared, not sent
+    h(ClientData(command(b"GET", b"x")))
+    h(UpstreamData(R, bulk(b"new")))
+    assert h.written[CLIENT] == bulk(b"id:7") + bulk(b"v") + bulk(b"new")
+    assert not h.reports("divergence")
+
+
+def test_sync_mode_releases_a_reply_once_the_replica_sent_an_equivalent_one() -> None:
+    h = resp(mode="sync")
+    h(ClientData(command(b"SMEMBERS", b"s")))
+    h(UpstreamData(P, array(b"a", b"b")))
+    assert not h.written[CLIENT]
+    h(UpstreamData(R, b"*2\r\n$1\r\nb\r\n"))
+    assert not h.written[CLIENT], "half a reply vouches for nothing"
+    h(UpstreamData(R, bulk(b"a")[:-1]))
+    assert not h.written[CLIENT]
+    h(UpstreamData(R, b"\n"))
+    assert h.written[CLIENT] == array(b"a", b"b")
+    assert not h.reports("divergence")
+
+
+def test_sync_mode_streams_an_ignored_reply_once_the_replica_began_its_own() -> None:
+    h = resp(mode="sync")
+    h(ClientData(command(b"INFO")))
+    h(UpstreamData(P, b"$10\r\n0123"))
+    assert not h.written[CLIENT]
+    h(UpstreamData(R, b"$"))  # it has run the request: it answers
+    assert h.written[CLIENT] == b"$10\r\n0123"
+    h(UpstreamData(P, b"456789\r\n"))
+    assert h.written[CLIENT] == bulk(b"0123456789")
+    h(UpstreamData(R, b"2\r\nab\r\n"))
+    assert not h.reports("divergence")
+
+
+def test_sync_takeover_where_the_old_primary_stopped_inside_an_unsent_reply() -> None:
+    h = resp(mode="sync")
+    h(ClientData(command(b"GET", b"k") + command(b"SMEMBERS", b"s")))
+    h(UpstreamData(P, bulk(b"v") + b"*2\r\n$1\r\na"))  # dies inside its second reply
+    h(UpstreamData(R, bulk(b"v") + b"*2\r\n$1\r\nb\r\n"))
+    assert h.written[CLIENT] == bulk(b"v")
+    h(UpstreamClosed(P, "ConnectionResetError"))
+    h(TimerFired(Timer.PRIMARY_EOF))
+    h(PrimaryChecked(P, alive=False, reason="refused"))
+    assert h.session.primary == R
+    h(UpstreamData(R, b"$1\r\na\r\n"))
+    assert h.written[CLIENT] == bulk(b"v") + array(b"b", b"a"), "the replica's version, whole"
+    assert not h.reports("divergence")
+
+
+def test_async_takeover_is_refused_inside_a_reply_the_replica_answers_otherwise() -> None:
+    h = resp()
+    h(ClientData(command(b"INFO")))
+    h(UpstreamData(P, b"$10\r\n01234"))  # the client has half of the primary's version
+    h(UpstreamData(R, b"$3\r\nab"))
+    h(PrimaryDown("health"))
+    assert h.session.outcome == "primary_failed"
+    assert not h.of(Promote)
+    assert h.written[CLIENT] == b"$10\r\n01234"
+
+
+def test_a_reply_that_answers_no_request_makes_the_session_compare_bytes() -> None:
+    h = resp()
+    h(ClientData(command(b"SMEMBERS", b"s")))
+    h(UpstreamData(P, array(b"a", b"b") + b"+surprise\r\n" + array(b"x", b"y")))
+    h(UpstreamData(R, array(b"b", b"a") + b"+surprise\r\n" + array(b"y", b"x")))
+    [report] = h.reports("divergence")  # the unpaired part is compared as bytes
+    assert "output differs at offset" in report.detail
+
+
+def test_pubsub_is_not_modelled_and_falls_back_to_bytes() -> None:
+    h = resp()
+    h(ClientData(command(b"SUBSCRIBE", b"ch")))
+    h(UpstreamData(P, array(b"subscribe", b"ch") + b"*3\r\n"))
+    h(UpstreamData(R, array(b"subscribe", b"ch") + b"*3\r\n"))
+    assert not h.reports("divergence")
+    assert not h.session.frames_input()
+
+
+def test_the_server_ending_a_session_is_not_a_failover() -> None:
+    """A too-big request: each server answers an error and closes, the replica later."""
+    h = resp()
+    h(ClientData(b"X" * 100))
+    err = b"-ERR Protocol error: too big inline request\r\n"
+    h(UpstreamData(P, err))
+    h(UpstreamClosed(P, "ConnectionResetError"))
+    h(ClientData(b"Y" * 10))  # held: the primary never took it
+    assert h.written[R] == b"X" * 100
+    h(UpstreamData(R, err))
+    h(UpstreamClosed(R, "ConnectionResetError"))
+    assert not h.of(Promote) and not h.stale()
+    assert h.session.outcome == "server_closed"
+    assert h.written[CLIENT] == err
+
+
+def test_an_idle_session_whose_primary_died_is_taken_over() -> None:
+    h = resp()
+    h(ClientData(command(b"PING")))
+    h(UpstreamData(P, b"+PONG\r\n"))
+    h(UpstreamData(R, b"+PONG\r\n"))
+    h(UpstreamEof(P))  # a killed process's socket sends FIN
+    h(TimerFired(Timer.PRIMARY_EOF))
+    assert h.actions[-1] == CheckPrimary(P)
+    h(PrimaryChecked(P, alive=False, reason="Connection refused"))
+    assert h.session.primary == R
+    h(ClientData(command(b"PING")))
+    assert h.written[R].endswith(command(b"PING") * 2)
+    h(UpstreamData(R, b"+PONG\r\n"))
+    assert h.written[CLIENT] == b"+PONG\r\n" * 2
+
+
+def test_a_primary_that_closes_on_purpose_is_not_taken_over() -> None:
+    h = resp()
+    h(ClientData(command(b"CLIENT", b"KILL", b"ID", b"7")))
+    h(UpstreamData(P, b"+OK\r\n"))
+    h(UpstreamData(R, b"-ERR No such client\r\n"))  # ignored: CLIENT * may differ
+    h(UpstreamEof(P))
+    h(TimerFired(Timer.PRIMARY_EOF))
+    h(PrimaryChecked(P, alive=True))
+    assert h.session.primary == P and not h.of(Promote) and not h.stale()
+    assert not h.reports("divergence")
+
+
+# ------------------------------------------------------------------ properties
+
+#: (request, primary's reply, an equivalent reply from another server) makers.
+Step = tuple[bytes, bytes, bytes]
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> Step:
+    kind = draw(st.sampled_from(["get", "info", "smembers", "hello", "ping"]))
+    if kind == "get":
+        value = draw(st.binary(max_size=20))
+        return command(b"GET", b"k"), bulk(value), bulk(value)
+    if kind == "info":
+        a = draw(st.binary(max_size=30))
+        b = draw(st.binary(max_size=30))
+        return command(b"INFO"), bulk(a), bulk(b)
+    if kind == "hello":
+        ours, theirs = draw(st.integers(0, 10**6)), draw(st.integers(0, 10**6))
+        return command(b"HELLO", b"3"), b":%d\r\n" % ours, b":%d\r\n" % theirs
+    if kind == "ping":
+        return b"PING\r\n", b"+PONG\r\n", b"+PONG\r\n"
+    members = draw(st.lists(st.binary(min_size=1, max_size=5), unique=True, max_size=5))
+    shuffled = draw(st.permutations(members))
+    return command(b"SMEMBERS", b"s"), array(*members), array(*shuffled)
+
+
+IGNORED = (command(b"INFO"), command(b"HELLO", b"3"))
+
+
+def _split_replies(stream: bytes) -> tuple[list[bytes], bytes]:
+    """Whole replies, and what is left (the start of one more)."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(stream):
+        end = RespParser().feed(stream, pos)
+        if end < 0:
+            return out, stream[pos:]
+        out.append(stream[pos:end])
+        pos = end
+    return out, b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    script=st.lists(steps(), min_size=1, max_size=8),
+    cuts=st.lists(st.lists(st.integers(1, 25), max_size=12), min_size=3, max_size=3),
+    order=st.randoms(use_true_random=False),
+    crash_at=st.one_of(st.none(), st.integers(0, 40)),
+    crash=st.sampled_from(["reset", "down", "eof"]),
+    mode=st.sampled_from(["async", "sync"]),
+    hot=st.booleans(),
+)  # fmt: skip
+def test_replies_that_differ_as_the_rules_allow_never_stop_replication_or_takeover(
+    script: list[Step],
+    cuts: list[list[int]],
+    order: random.Random,
+    crash_at: int | None,
+    crash: str,
+    mode: str,
+    hot: bool,
+) -> None:
+    """Whatever the chunking and the order of events, and wherever the primary fails:
+    no divergence, nobody stale, and the client gets each reply whole, once, in order,
+    as one server or the other answered it (never a mix within a reply)."""
+    h = connected(
+        (P, "primary"),
+        (R, "replica"),
+        framing=RespFraming(RespRules()),
+        hot=hot,
+        mode=mode,  # type: ignore[arg-type]
+    )
+    requests = b"".join(s[0] for s in script)
+    ours = b"".join(s[1] for s in script)
+    theirs = b"".join(s[2] for s in script)
+    streams = {"c": _cut(requests, cuts[0]), P: _cut(ours, cuts[1]), R: _cut(theirs, cuts[2])}
+    # A reply never comes before its request: the primary's and the replica's chunks
+    # wait until the client's bytes they answer were sent.
+    sent = 0
+    events: list[tuple[str, bytes]] = []
+    queues = {k: list(v) for k, v in streams.items()}
+    answered = {P: 0, R: 0}
+    bounds = _reply_bounds(script)
+    while any(queues.values()):
+        ready = [k for k, q in queues.items() if q and (k == "c" or _may_answer(
+            answered[k], len(q[0]), bounds[k], sent, script))]  # fmt: skip
+        name = order.choice(sorted(ready))
+        chunk = queues[name].pop(0)
+        events.append((name, chunk))
+        if name == "c":
+            sent += len(chunk)
+        else:
+            answered[name] += len(chunk)
+    crashed = False
+    replica_sent = b""
+    for i, (name, chunk) in enumerate(events):
+        if crash_at is not None and i == crash_at and not crashed:
+            crashed = True
+            _crash(h, crash)
+        if name == "c":
+            h(ClientData(chunk))
+        elif not (crashed and name == P) and h.session.in_session(name):
+            h(UpstreamData(name, chunk))
+            if name == R:
+                replica_sent += chunk
+        _answer_checks(h)
+        if mode == "sync" and not crashed and h.session.matched(R) and h.session.in_session(R):
+            # Sync mode: the client has no reply the replica has not answered too
+            # (begun to answer, where the reply may differ in any way: INFO, HELLO).
+            seen, tail = _split_replies(replica_sent)
+            vouched = len(seen) + (1 if tail and script[len(seen)][0] in IGNORED else 0)
+            delivered, _ = _split_replies(bytes(h.written[CLIENT]))
+            assert len(delivered) <= vouched, (delivered, replica_sent)
+    if crash_at is not None and not crashed:
+        crashed = True
+        _crash(h, crash)
+    if crashed and not h.session.finished and h.session.primary == P:
+        h(TimerFired(Timer.PRIMARY_EOF))  # (the replica kept its connection: a check)
+        _answer_checks(h)
+    got = bytes(h.written[CLIENT])
+    replies, tail = _split_replies(got)
+    assert not h.reports("divergence"), h.reports("divergence")
+    assert not h.stale()
+    for i, reply in enumerate(replies):
+        assert reply in (script[i][1], script[i][2]), (i, reply, script[i])
+    if tail:
+        # Cut short: only where the primary failed inside a reply nobody could finish.
+        assert h.session.outcome == "primary_failed", (tail, h.session.outcome)
+        n = len(replies)
+        assert script[n][1].startswith(tail) or script[n][2].startswith(tail)
+    else:
+        assert h.session.primary == R or not crashed, "the replica took over"
+        assert len(replies) == len(script), "every reply arrives"
+
+
+def _crash(h: Harness, how: str) -> None:
+    if how == "down":
+        h(PrimaryDown("health"))
+        return
+    h(UpstreamClosed(P, "ConnectionResetError") if how == "reset" else UpstreamEof(P))
+    _answer_checks(h)
+
+
+def _reply_bounds(script: list[Step]) -> dict[str, list[tuple[int, int]]]:
+    """For each server: (bytes of request needed, end of the reply), per step."""
+    out: dict[str, list[tuple[int, int]]] = {P: [], R: []}
+    req = 0
+    ends = {P: 0, R: 0}
+    for request, ours, theirs in script:
+        req += len(request)
+        for name, reply in ((P, ours), (R, theirs)):
+            start = ends[name]
+            ends[name] += len(reply)
+            out[name].append((req, start))
+    return out
+
+
+def _may_answer(
+    answered: int, size: int, bounds: list[tuple[int, int]], sent: int, script: list[Step]
+) -> bool:
+    """Whether a server may send bytes [answered, answered + size): every reply they
+    touch answers a request the client has sent whole."""
+    return all(not (start < answered + size and needed > sent) for needed, start in bounds)
+
+
+def test_after_monitor_each_servers_output_is_its_own_and_not_compared() -> None:
+    h = resp()
+    h(ClientData(command(b"GET", b"k") + command(b"MONITOR")))
+    h(UpstreamData(P, bulk(b"v") + b'+OK\r\n+1700000000.123 [0 127.0.0.1:5] "GET"\r\n'))
+    h(UpstreamData(R, bulk(b"v") + b'+OK\r\n+1700000000.999 [0 127.0.0.1:9] "GET"\r\n'))
+    assert not h.reports("divergence") and not h.stale()
+    [lost] = h.reports("compare_lost")
+    assert lost.name == R
+    # What came before MONITOR is still compared.
+    h = resp()
+    h(ClientData(command(b"GET", b"k") + command(b"MONITOR")))
+    h(UpstreamData(P, bulk(b"v") + b"+OK\r\n"))
+    h(UpstreamData(R, bulk(b"w") + b"+OK\r\n"))
+    [report] = h.reports("divergence")
+    assert report.detail.startswith("reply 1 to GET differs")
