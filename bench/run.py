@@ -3,7 +3,9 @@
 Everything runs on this machine, on loopback, started and stopped here. Setups:
 ``direct`` (the client talks to the server), ``haproxy`` (HAProxy ``mode tcp``, one
 thread), ``rp0``/``rp1``/``rp2`` (replicaproxy, async mode, 0/1/2 replicas) and
-``rp1sync`` (sync mode, 1 replica); for reference, ``tee0``/``tee1`` (``tee.py``: the
+``rp1sync`` (sync mode, 1 replica), ``rp1resp``/``rp1syncresp`` (the same with
+``protocol = "resp"``: replies compared as RESP messages; Redis workloads only); for
+reference, ``tee0``/``tee1`` (``tee.py``: the
 least a Python forwarder with 0/1 replica can do; request/response only). Every setup
 runs each workload in turn within a round (so a slow phase of a busy machine hits them
 alike), several rounds, medians.
@@ -62,9 +64,20 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # machine takes about a second; 30 s means it is not coming.
 WAIT = 30.0
 
-SETUPS = ("direct", "haproxy", "rp0", "rp1", "rp2", "rp1sync", "tee0", "tee1")
-#: (replicas, mode) of each replicaproxy setup.
-PROXIES = {"rp0": (0, "async"), "rp1": (1, "async"), "rp2": (2, "async"), "rp1sync": (1, "sync")}
+SETUPS = (
+    "direct", "haproxy", "rp0", "rp1", "rp2", "rp1sync", "rp1resp", "rp1syncresp", "tee0", "tee1",
+)  # fmt: skip
+#: (replicas, mode, protocol) of each replicaproxy setup.
+PROXIES = {
+    "rp0": (0, "async", "bytes"),
+    "rp1": (1, "async", "bytes"),
+    "rp2": (2, "async", "bytes"),
+    "rp1sync": (1, "sync", "bytes"),
+    "rp1resp": (1, "async", "resp"),
+    "rp1syncresp": (1, "sync", "resp"),
+}
+#: The workloads the resp setups run: what Redis answers (the sink speaks no RESP).
+RESP_WORKLOADS = {"rr", "p16", "lat"}
 #: Replicas of each reference setup (tee.py: a bare forwarder, a 5 ms replica tick).
 TEES = {"tee0": 0, "tee1": 1}
 #: The workloads the reference setups run: they hold unbounded batches, so no bulk.
@@ -290,7 +303,16 @@ def haproxy_config(port: int, server: int, maxconn: int) -> str:
 
 def replicas(setup: str) -> int:
     """How many replicas a replicaproxy setup has (0 for the others, tee1 too: it logs nothing)."""
-    return PROXIES.get(setup.removesuffix(BASE), (0, ""))[0]
+    return PROXIES.get(setup.removesuffix(BASE), (0, "", ""))[0]
+
+
+def runs(setup: str, work: str) -> bool:
+    """Whether ``setup`` runs workload ``work`` at all."""
+    if setup in TEES:
+        return work in TEE_WORKLOADS
+    if PROXIES.get(setup.removesuffix(BASE), (0, "", "bytes"))[2] != "bytes":
+        return work in RESP_WORKLOADS
+    return True
 
 
 def build(
@@ -324,7 +346,7 @@ def build(
 
     targets = {}
     for setup in setups:
-        if setup in TEES and kind != "redis":
+        if kind != "redis" and not runs(setup, "bulk"):
             continue
         primary = server(f"{kind}-{setup}-primary")
         if setup == "direct":
@@ -345,7 +367,7 @@ def build(
                 args += ["--flush", out.replica_flush.removesuffix("ms")]
             targets[setup] = Target(setup, port, procs.start(name, args, port))
             continue
-        count, mode = PROXIES[setup.removesuffix(BASE)]
+        count, mode, protocol = PROXIES[setup.removesuffix(BASE)]
         env = None
         if setup.endswith(BASE):
             assert baseline is not None
@@ -353,7 +375,8 @@ def build(
         state = tmp / f"{name}.state.json"
         args = [sys.executable, "-m", "replicaproxy", "run", *flush,
                 "--listen", f"{HOST}:{port}", "--primary", f"{HOST}:{primary.port}",
-                "--mode", mode, "--state-file", str(state), "--log-level", "warning"]  # fmt: skip
+                "--mode", mode, "--state-file", str(state), "--log-level", "warning",
+                *(["--protocol", protocol] if protocol != "bytes" else [])]  # fmt: skip
         for i in range(count):
             args += ["--replica", f"{HOST}:{server(f'{name}-replica{i + 1}').port}"]
         targets[setup] = Target(setup, port, procs.start(name, args, port, state, env))
@@ -590,7 +613,7 @@ def run(out: Outcome, procs: Processes) -> None:
         for work in timed:
             world = worlds["sink" if work == "bulk" else "redis"]
             for setup in setups:
-                if setup in TEES and work not in TEE_WORKLOADS:
+                if not runs(setup, work):
                     continue
                 target = world[setup]
                 sample = run_workload(work, target, plan)
@@ -657,6 +680,12 @@ def judge(out: Outcome) -> None:
          "rp0", "rr", "cpu_us_per_unit", "haproxy", 1.1, True),
         ("1 replica, bulk: MiB/s >= 0.9x direct",
          "rp1", "bulk", "mib_s", "direct", 0.9, False),
+    ]  # fmt: skip
+    checks += [
+        (f"protocol resp, {label}: proxy CPU/request <= 1.15x protocol bytes",
+         f"{mode}resp", work, "cpu_us_per_unit", mode, 1.15, True)
+        for mode in ("rp1", "rp1sync")
+        for work, label in (("rr", "request/response"), ("p16", "pipelined"))
     ]  # fmt: skip
     for label, setup, work, key, against, bound, at_most in checks:
         r = ratio(out.get(setup, work, key), out.get(against, work, key))
@@ -904,8 +933,8 @@ def header(out: Outcome) -> str:
 
 
 COLORS = {"direct": "#999999", "haproxy": "#3465a4", "rp0": "#8ae234", "rp1": "#4e9a06",
-          "rp2": "#2e5e04", "rp1sync": "#f57900", "tee0": "#cccccc",
-          "tee1": "#888a85"}  # fmt: skip
+          "rp2": "#2e5e04", "rp1sync": "#f57900", "rp1resp": "#75507b",
+          "rp1syncresp": "#ad7fa8", "tee0": "#cccccc", "tee1": "#888a85"}  # fmt: skip
 
 
 def chart(out: Outcome, path: Path) -> None:
