@@ -682,9 +682,9 @@ def judge(out: Outcome) -> None:
          "rp1", "bulk", "mib_s", "direct", 0.9, False),
     ]  # fmt: skip
     checks += [
-        (f"protocol resp, {label}: proxy CPU/request <= 1.15x protocol bytes",
+        (f"protocol resp, {kind}, {label}: proxy CPU/request <= 1.15x protocol bytes",
          f"{mode}resp", work, "cpu_us_per_unit", mode, 1.15, True)
-        for mode in ("rp1", "rp1sync")
+        for mode, kind in (("rp1", "async"), ("rp1sync", "sync"))
         for work, label in (("rr", "request/response"), ("p16", "pipelined"))
     ]  # fmt: skip
     for label, setup, work, key, against, bound, at_most in checks:

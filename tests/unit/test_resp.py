@@ -429,3 +429,36 @@ def test_a_default_for_every_subcommand_beats_the_tips_for_one() -> None:
     # And the config's "NAME *" beats the built-in and the tips alike.
     assert RespRules(tips, exact=["CLIENT *"]).lookup([b"CLIENT", b"LIST"]).kind == "exact"
     assert RespRules(tips, exact=["COMMAND *"]).lookup([b"COMMAND", b"DOCS"]).kind == "exact"
+
+
+@settings(max_examples=300)
+@given(
+    replies=st.lists(values.filter(lambda v: v[:1] != b">"), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(1, 9), max_size=40),
+)
+def test_the_framing_finds_the_same_replies_as_the_parser(
+    replies: list[bytes], cuts: list[int]
+) -> None:
+    """The primary's replies, read by the framing (with its shortcut for one-line and
+    bulk replies), end where the general parser says, however they are cut."""
+    stream = b"".join(replies)
+    f = RespFraming(RULES)
+    f.request(b"PING\r\n" * len(replies))
+    ends: list[int] = []
+    offset = 0
+    started = False
+    for piece in _pieces(stream, cuts):
+        pos = 0
+        while pos < len(piece):
+            if not started:
+                assert f.begin(piece, pos) is not None
+                started = True
+            end = f.feed(piece, pos)
+            if end == MORE:
+                break
+            assert end != GARBAGE
+            ends.append(offset + end)
+            started = False
+            pos = end
+        offset += len(piece)
+    assert ends == _frame_all(stream, [])

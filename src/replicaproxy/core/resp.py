@@ -50,14 +50,17 @@ class RespParser(ReplyParser):
         self.attr: list[bool] = []  # that aggregate is an attribute: its value follows it
         self.skip = 0  # bytes of a bulk payload (with its CRLF) still to pass
         self.line = b""  # the start of a header line the last chunk cut
+        self.fresh = True  # nothing of the reply read yet
 
     def reset(self) -> None:
         self.left.clear()
         self.attr.clear()
         self.skip = 0
         self.line = b""
+        self.fresh = True
 
     def feed(self, data: bytes, pos: int) -> int:
+        self.fresh = False
         n = len(data)
         while True:
             skip = self.skip
@@ -150,6 +153,29 @@ class RespParser(ReplyParser):
 _SIMPLE: Final = frozenset(b"+-:_,#(")
 _BULK: Final = frozenset(b"$!=")
 _AGGREGATE: Final = frozenset(b"*~>%")
+
+
+def _simple_end(data: bytes, pos: int) -> int:
+    """Where a one-line or bulk-string reply at ``data[pos]`` ends, if all of it is
+    there; -1 for anything else (the parser reads that)."""
+    n = len(data)
+    kind = data[pos]
+    if kind == 0x2B or kind == 0x2D or kind == 0x3A:  # + - :  # noqa: PLR1714 (per reply)
+        end = data.find(b"\r\n", pos + 1, pos + MAX_LINE)
+        return end + 2 if end > 0 else -1
+    if kind != 0x24:  # $
+        return -1
+    i = pos + 1
+    if i < n and data[i] == 0x2D:  # $-1: null
+        return pos + 5 if data[pos : pos + 5] == b"$-1\r\n" else -1
+    length = 0
+    while i < n and 0x30 <= data[i] <= 0x39 and length <= MAX_BULK:
+        length = length * 10 + data[i] - 0x30
+        i += 1
+    if i == pos + 1 or length > MAX_BULK or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+        return -1
+    end = i + 2 + length + 2
+    return end if end <= n else -1
 
 
 def value_end(buf: bytes, at: int) -> int:
@@ -388,6 +414,12 @@ _UNMODELLED: Final = frozenset(
 #: Commands after which each server streams output of its own (MONITOR: timestamps
 #: and client addresses; SYNC, PSYNC: a replication stream): not compared any more.
 _OWN_STREAM: Final = frozenset({b"monitor", b"sync", b"psync"})
+#: Commands that change how later replies pair with requests (_request handles them).
+_STATEFUL: Final = frozenset(
+    {b"multi", b"exec", b"discard", b"watch", b"quit", b"reset", b"client"}
+    | _UNMODELLED
+    | _OWN_STREAM
+)
 
 
 def _key(name: str) -> str:
@@ -452,6 +484,7 @@ class RespRules:
                 self._containers.add(command.encode())
             self._table[key.encode()] = self._make(key, kind)
         self._exact: dict[bytes, Expect] = {}
+        self._plain: dict[bytes, Expect] = {}  # (by name as sent: see plain())
         # The SCAN family, unless the config names one: (later batch, first batch).
         named = {_key(name) for name in (*ignore, *unordered, *exact)}
         self._scan_rules: dict[bytes, tuple[Expect, Expect]] = {
@@ -498,6 +531,22 @@ class RespRules:
             if len(self._exact) >= _MAX_NAMES:
                 return _UNKNOWN if kind == "exact" else Expect("(command)", kind)
             found = self._exact[key] = self._make(key.decode(errors="replace"), kind)
+        return found
+
+    def plain(self, name: bytes) -> Expect | None:
+        """The expectation of a request that only ``name`` decides (as sent, any case),
+        or None for the commands whose other arguments or state matter."""
+        found = self._plain.get(name)
+        if found is None:
+            command = name.lower()
+            if (
+                command in _STATEFUL
+                or command in self._containers
+                or command in self._scan_rules
+                or len(self._plain) >= _MAX_NAMES
+            ):
+                return None
+            found = self._plain[name] = self.lookup([name])
         return found
 
     def wants(self, command: bytes) -> int:
@@ -583,6 +632,23 @@ _OFF: Final = 1  # CLIENT REPLY OFF: no replies until CLIENT REPLY ON
 _SKIP: Final = 2  # CLIENT REPLY SKIP: no reply to the next command
 
 
+def _skip_bulk(data: bytes, i: int) -> int:
+    """Where the bulk string at ``data[i]`` ends, or -1 if it is cut short or odd."""
+    n = len(data)
+    if i >= n or data[i] != 0x24:  # $
+        return -1
+    i += 1
+    j = i
+    length = 0
+    while i < n and 0x30 <= data[i] <= 0x39 and length <= MAX_BULK:
+        length = length * 10 + data[i] - 0x30
+        i += 1
+    if i == j or length > MAX_BULK or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+        return -1
+    end = i + 2 + length + 2
+    return end if end <= n else -1
+
+
 class RespFraming(Framing):
     """Frames one session's RESP traffic."""
 
@@ -610,6 +676,13 @@ class RespFraming(Framing):
         pos = 0
         n = len(data)
         while pos < n:
+            if not (self._argc or self._skip or self._line):
+                # At a request's start: a whole multibulk request is read in one go,
+                # without keeping any state (most of them are, in one chunk).
+                end = self._whole(data, pos)
+                if end > 0:
+                    pos = end
+                    continue
             skip = self._skip
             if skip:
                 take = min(skip, n - pos)
@@ -649,6 +722,59 @@ class RespFraming(Framing):
             if not self._header(line, multibulk):
                 self.stop()
                 return
+
+    def _whole(self, data: bytes, pos: int) -> int:
+        """Read the multibulk request at ``data[pos]`` if all of it is there.
+
+        Returns where it ends, or -1 (nothing done) when it is cut short, not a
+        multibulk, or anything out of the ordinary: the resumable path reads it then.
+        """
+        n = len(data)
+        if data[pos] != 0x2A:  # *
+            return -1
+        i = pos + 1
+        count = 0
+        while i < n and 0x30 <= data[i] <= 0x39 and count <= MAX_ARGS:
+            count = count * 10 + data[i] - 0x30
+            i += 1
+        if count == 0 or count > MAX_ARGS or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+            return -1
+        i += 2
+        args: list[bytes] = []
+        want = 1
+        for k in range(count):
+            if i >= n or data[i] != 0x24:  # $
+                return -1
+            i += 1
+            j = i
+            length = 0
+            while i < n and 0x30 <= data[i] <= 0x39 and length <= MAX_BULK:
+                length = length * 10 + data[i] - 0x30
+                i += 1
+            if i == j or length > MAX_BULK or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+                return -1
+            i += 2
+            end = i + length
+            if end + 2 > n:
+                return -1
+            if k < want:
+                arg = data[i:end]
+                if k == 0:
+                    expect = self.rules.plain(arg)
+                    if expect is not None and self._multi is None and self._mode == _ON:
+                        # An ordinary command (most are): only its name matters.
+                        i = end + 2
+                        for _ in range(count - 1):
+                            i = _skip_bulk(data, i)
+                            if i < 0:
+                                return -1
+                        self.queue(expect)
+                        return i
+                    want = self.rules.wants(arg.lower())
+                args.append(arg)
+            i = end + 2
+        self._request(args)
+        return i
 
     def _argument_done(self) -> None:
         args = self._args
@@ -768,7 +894,13 @@ class RespFraming(Framing):
         return expect
 
     def feed(self, data: bytes, pos: int) -> int:
-        return self._reply.feed(data, pos)
+        reply = self._reply
+        if reply.fresh:
+            # Most replies are one line or one bulk string, whole in the chunk.
+            end = _simple_end(data, pos)
+            if end > 0:
+                return end
+        return reply.feed(data, pos)
 
     def parser(self, expect: Expect) -> ReplyParser:
         return RespParser()

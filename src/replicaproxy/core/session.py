@@ -31,6 +31,7 @@ Offsets it keeps (DESIGN.md "The session core"):
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -237,15 +238,18 @@ class Session:
         "_ending",
         "_eof_forwarded",
         "_eof_pending",
+        "_expects",
         "_feeding",
         "_framed_to",
         "_framing",
         "_frontier",
         "_gate_open",
         "_half_window",
+        "_head",
+        "_last_end",
         "_linger_started",
         "_mirrors",
-        "_msgs",
+        "_open",
         "_primary",
         "_primary_alive",
         "_primary_gone",
@@ -257,6 +261,7 @@ class Session:
         "_replies",
         "_route",
         "_spans",
+        "_starts",
         "_sync",
         "_uncompared_from",
         "_ups",
@@ -332,12 +337,19 @@ class Session:
         # Framed protocols: the primary's replies still in the window, oldest first,
         # and those of them that may differ (not exact).
         self._framing = framing
-        self._msgs: deque[_Reply] = deque()
+        # Every reply of the primary's in the window: where it starts and what it
+        # answers (from _head on; before it, replies the window has passed). Replies
+        # that may differ are _Reply objects in _spans as well.
+        self._starts: list[int] = []
+        self._expects: list[Expect] = []
+        self._head = 0
+        self._open = False  # the last reply began and has not ended
+        self._last_end = 0  # where the last reply that ended ended
         self._spans: deque[_Reply] = deque()
         self._framed_to = 0  # the primary's stream is framed up to here
         #: Where each server's output became its own (after MONITOR): not compared on.
         self._uncompared_from = -1
-        self._replies = 0  # replies of the primary's begun so far
+        self._replies = 0  # replies of the primary's begun so far (_starts[-1] is the last)
 
     # ----------------------------------------------------------- introspection
 
@@ -834,31 +846,42 @@ class Session:
         self._framed_to = end
         if f.lost:
             return
-        msgs = self._msgs
+        starts = self._starts
+        expects = self._expects
+        # Replies the window has passed (but the one it starts in) are forgotten.
+        head = self._head
         base = self._window_base
-        while len(msgs) > 1 and 0 <= msgs[0].end <= base:
-            msgs.popleft()
+        while head + 1 < len(starts) and starts[head + 1] <= base:
+            head += 1
+        if head > 256:
+            del starts[:head]
+            del expects[:head]
+            head = 0
+        self._head = head
         n = len(data)
         while pos < n:
-            if not msgs or msgs[-1].end >= 0:
+            if not self._open:
                 expect = f.begin(data, pos)
                 if expect is None:
                     if f.uncompared:
                         self._uncompared_from = start + pos
                     return  # answers no request known: bytes from here on
                 self._replies += 1
-                reply = _Reply(start + pos, expect, self._replies)
-                msgs.append(reply)
+                starts.append(start + pos)
+                expects.append(expect)
+                self._open = True
                 if not expect.exact:
-                    self._spans.append(reply)
-            else:
-                reply = msgs[-1]
+                    self._spans.append(_Reply(start + pos, expect, self._replies))
             stop = f.feed(data, pos)
             if stop < 0:
                 if stop == GARBAGE:
                     f.lose()
                 return
-            reply.end = start + stop
+            self._open = False
+            self._last_end = start + stop
+            spans = self._spans
+            if spans and spans[-1].end < 0:
+                spans[-1].end = start + stop  # (the reply that just ended)
             pos = stop
 
     def _framed_primary_output(self, data: bytes, actions: list[Action]) -> None:
@@ -1078,10 +1101,12 @@ class Session:
         i = next(i for i in range(k) if data[i] != theirs[i])
         at = start + i
         where = f"output differs at offset {at}"
-        for reply in self._msgs:
-            if reply.start <= at and (reply.end < 0 or at < reply.end):
-                where = f"{reply.name()} differs at its byte {at - reply.start}"
-                break
+        starts = self._starts
+        k = bisect.bisect_right(starts, at, self._head) - 1
+        if k >= self._head and (k < len(starts) - 1 or self._open or at < self._last_end):
+            index = self._replies - (len(starts) - 1 - k)
+            label = self._expects[k].label
+            where = f"reply {index} to {label} differs at its byte {at - starts[k]}"
         self._diverged(r, f"{where}: {side_by_side(theirs, data, r.name, i)}", actions)
 
     def _hold(self, r: _Upstream) -> int:
@@ -1412,9 +1437,8 @@ class Session:
         if self._framing is None:
             return True
         delivered = self.delivered
-        msgs = self._msgs
-        last = msgs[-1] if msgs else None
-        if last is not None and last.end < 0 and not last.expect.exact and delivered > last.start:
+        last = self._unfinished()
+        if last is not None and delivered > last.start:
             # The client has part of a reply the old primary will never finish: only
             # a replica whose version starts with the same bytes can go on with it.
             have = delivered - last.start
@@ -1434,9 +1458,8 @@ class Session:
 
     def _framed_takeover(self, r: _Upstream, actions: list[Action]) -> None:
         """``r`` is the primary now (framed protocols): join its stream to the client's."""
-        msgs = self._msgs
-        last = msgs[-1] if msgs else None
-        if last is not None and last.end < 0 and not last.expect.exact:
+        last = self._unfinished()
+        if last is not None:
             if self.delivered <= last.start:
                 self._cut(last, actions)
             else:
@@ -1453,6 +1476,11 @@ class Session:
             self._try_resolve(r, actions)
             if not self._ending:
                 self._after_output(actions)
+
+    def _unfinished(self) -> _Reply | None:
+        """The primary's last reply, if it may differ and has not ended."""
+        spans = self._spans
+        return spans[-1] if spans and spans[-1].end < 0 else None
 
     def _go_on_inside(self, last: _Reply, r: _Upstream, actions: list[Action]) -> None:
         """The client has part of ``last``, which the old primary never finished, and
@@ -1473,9 +1501,11 @@ class Session:
         """The old primary stopped inside ``last``, a reply the client has none of:
         drop the old version; the new primary's will take its place."""
         cut = last.start
-        self._msgs.pop()
-        if self._spans and self._spans[-1] is last:
-            self._spans.pop()
+        self._starts.pop()
+        self._expects.pop()
+        self._spans.pop()
+        self._open = False
+        self._last_end = cut
         self._replies -= 1
         assert self._framing is not None
         self._framing.unbegin([last.expect])
