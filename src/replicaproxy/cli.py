@@ -129,7 +129,19 @@ def cli() -> None:
 @click.option(
     "--admin", cls=Once, metavar="HOST:PORT", help="Admin HTTP address (off unless given)."
 )
-@click.option("--state-file", cls=Once, metavar="PATH", help="Where the replica view is kept.")
+@click.option(
+    "--state-file",
+    cls=Once,
+    metavar="PATH",
+    help="Where the replica view is kept (short for --view-store file:PATH).",
+)
+@click.option(
+    "--view-store",
+    cls=Once,
+    metavar="URL",
+    help="file:PATH, or etcd://HOST:PORT[,HOST:PORT...]/PREFIX to share the view with "
+    "other proxies.",
+)
 @click.option(
     "--reset-state",
     is_flag=True,
@@ -146,6 +158,7 @@ def run(
     mode: str | None,
     admin: str | None,
     state_file: str | None,
+    view_store: str | None,
     reset_state: bool,
     log_level: str,
     log_format: str,
@@ -165,6 +178,7 @@ def run(
         mode=mode,
         admin=admin,
         state_file=state_file,
+        view_store=view_store,
     )
     try:
         config = build_config(config_path, overrides)

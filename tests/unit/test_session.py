@@ -13,6 +13,7 @@ from replicaproxy.core.events import (
     CLIENT,
     Abort,
     Action,
+    BackendStale,
     ClientClosed,
     ClientData,
     ClientEof,
@@ -208,6 +209,22 @@ def test_divergence_when_the_replica_is_ahead() -> None:
     h(UpstreamData(P, b"abcX"))
     [report] = h.reports("divergence")
     assert "offset 3" in report.detail
+
+
+def test_a_replica_stale_in_the_view_leaves_the_session_which_goes_on() -> None:
+    h = connected((P, "primary"), (R, "replica"), (S, "shadow"))
+    h(ClientData(b"a"))
+    acts = h(BackendStale(R, "stale in view epoch 3"))
+    assert Abort(R) in acts
+    assert [r.detail for r in h.reports("dropped")] == ["stale in the view: stale in view epoch 3"]
+    assert not h.session.in_session(R)
+    assert h(BackendStale(P, "ignored")) == [], "the primary leaves by PrimaryDown, not this"
+    assert h(BackendStale(S, "ignored")) == [], "a shadow is never stale"
+    assert h(BackendStale(R, "again")) == [], "gone already"
+    h(ClientData(b"b"))
+    assert h.written[P] == b"ab"
+    assert h.written[R] == b"a"
+    assert h.written[S] == b"ab"
 
 
 def test_replica_write_block_drops_it_and_marks_it_stale() -> None:
