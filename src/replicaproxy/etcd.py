@@ -6,7 +6,7 @@ and watches, a few milliseconds per watch event, as here), but it opens only
 ``insecure_channel`` (no TLS to etcd, which the config must offer) and one endpoint,
 and it brings grpcio and protobuf along. The gateway is part of every etcd v3 server,
 speaks JSON over the aiohttp the proxy already has, and leaves TLS, timeouts and the
-choice among several endpoints to us. See docs/CLUSTER.md.
+choice among several endpoints to us (README "Several proxies, one view").
 
 Layout under ``PREFIX``::
 
