@@ -302,12 +302,22 @@ def example_client(host: str, port: int, connect_deadline: float) -> None:
 
 
 @cli.command()
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="Two proxies sharing one view in etcd (needs the etcd program): a failover "
+    "seen by both, then one proxy cut off from etcd.",
+)
 @LOG_LEVEL
-def demo(log_level: str) -> None:
+def demo(cluster: bool, log_level: str) -> None:
     """Run the whole thing on loopback: two example servers, the proxy, the client."""
+    _setup_logging(log_level if log_level != "info" else "warning")
+    if cluster:
+        from replicaproxy.demo.cluster import run_cluster_demo
+
+        _exit(_run_async(run_cluster_demo()))
     from replicaproxy.demo.run import run_demo
 
-    _setup_logging(log_level if log_level != "info" else "warning")
     _exit(_run_async(run_demo()))
 
 
