@@ -524,15 +524,7 @@ def _store_status(target: _Target) -> dict[str, Any]:
             ],
             "store": {**about, "up": True, "revision": snapshot.view.revision},
             "proxies": [
-                {
-                    "name": m.name,
-                    "run": m.run,
-                    "listen": m.info.get("listen"),
-                    "admin": m.info.get("admin"),
-                    "version": m.info.get("version"),
-                    "started": m.info.get("started"),
-                    "listed": m.name in view.proxies,
-                }
+                {**m.describe(), "listed": m.name in view.proxies}
                 for m in sorted(snapshot.members.values(), key=lambda m: m.name)
             ],
             "listed_proxies": dict(view.proxies),

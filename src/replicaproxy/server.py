@@ -849,15 +849,7 @@ class Server:
                 "fenced": self._fenced,
             },
             "proxies": [
-                {
-                    "name": m.name,
-                    "run": m.run,
-                    "listen": m.info.get("listen"),
-                    "admin": m.info.get("admin"),
-                    "version": m.info.get("version"),
-                    "started": m.info.get("started"),
-                    "self": m.name == self.keeper.name,
-                }
+                {**m.describe(), "self": m.name == self.keeper.name}
                 for m in sorted(self.keeper.members.values(), key=lambda m: m.name)
             ],
         }

@@ -52,6 +52,14 @@ class Member:
     run: str
     info: Mapping[str, Any] = field(default_factory=dict)
 
+    def describe(self) -> dict[str, Any]:
+        """The member as ``GET /status`` and ``ctl status`` list it."""
+        return {
+            "name": self.name,
+            "run": self.run,
+            **{k: self.info.get(k) for k in ("listen", "admin", "version", "started")},
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
