@@ -136,7 +136,19 @@ def cli() -> None:
 @click.option(
     "--admin", cls=Once, metavar="HOST:PORT", help="Admin HTTP address (off unless given)."
 )
-@click.option("--state-file", cls=Once, metavar="PATH", help="Where the replica view is kept.")
+@click.option(
+    "--state-file",
+    cls=Once,
+    metavar="PATH",
+    help="Where the replica view is kept (short for --view-store file:PATH).",
+)
+@click.option(
+    "--view-store",
+    cls=Once,
+    metavar="URL",
+    help="file:PATH, or etcd://HOST:PORT[,HOST:PORT...]/PREFIX to share the view with "
+    "other proxies.",
+)
 @click.option(
     "--reset-state",
     is_flag=True,
@@ -154,6 +166,7 @@ def run(
     protocol: str | None,
     admin: str | None,
     state_file: str | None,
+    view_store: str | None,
     reset_state: bool,
     log_level: str,
     log_format: str,
@@ -174,6 +187,7 @@ def run(
         admin=admin,
         state_file=state_file,
         protocol=protocol,
+        view_store=view_store,
     )
     try:
         config = build_config(config_path, overrides)
@@ -300,12 +314,22 @@ def example_client(host: str, port: int, connect_deadline: float) -> None:
 
 
 @cli.command()
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="Two proxies sharing one view in etcd (needs the etcd program): a failover "
+    "seen by both, then one proxy cut off from etcd.",
+)
 @LOG_LEVEL
-def demo(log_level: str) -> None:
+def demo(cluster: bool, log_level: str) -> None:
     """Run the whole thing on loopback: two example servers, the proxy, the client."""
+    _setup_logging(log_level if log_level != "info" else "warning")
+    if cluster:
+        from replicaproxy.demo.cluster import run_cluster_demo
+
+        _exit(_run_async(run_cluster_demo()))
     from replicaproxy.demo.run import run_demo
 
-    _setup_logging(log_level if log_level != "info" else "warning")
     _exit(_run_async(run_demo()))
 
 

@@ -8,7 +8,7 @@ is plain frozen data that the server and its parts only read. Every mistake is a
 
 File layout (every table and key optional; the result needs exactly one primary)::
 
-    [proxy]       listen, mode, state_file, timeouts, limits
+    [proxy]       listen, mode, state_file or view_store (and its keys), timeouts, limits
     [admin]       listen, token (no [admin] table: the admin API is off)
     [health]      interval, timeout, fall, rise, send, expect
     [protocol.resp]  ignore, unordered, exact, server_tips (rules for protocol = "resp")
@@ -55,6 +55,7 @@ __all__ = [
     "parse_address",
     "parse_duration",
     "parse_size",
+    "parse_view_store",
 ]
 
 
@@ -70,11 +71,13 @@ Role = Literal["primary", "replica", "shadow"]
 Mode = Literal["async", "sync"]
 Divergence = Literal["log", "stale"]
 Protocol = Literal["bytes", "resp"]
+StoreLoss = Literal["stop", "serve"]
 
 _ROLES: tuple[str, ...] = get_args(Role)
 _MODES: tuple[str, ...] = get_args(Mode)
 _DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 _PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+_STORE_LOSS: tuple[str, ...] = get_args(StoreLoss)
 
 
 # --------------------------------------------------------------------------- the tree
@@ -155,6 +158,29 @@ class ProxyConfig:
     replica_flush: float = 0.005
     # Client allow-list (CIDRs, IPv4 and IPv6); empty: every client may connect.
     allow: tuple[IPNetwork, ...] = ()
+    # Where the view is kept: "file:PATH" or "etcd://HOST:PORT[,HOST:PORT...]/PREFIX";
+    # empty: file:state_file, as before there was a choice.
+    view_store: str = ""
+    # This proxy's name among those sharing a view; empty: HOSTNAME:PORT of the listener.
+    name: str = ""
+    # The lease a proxy holds in a shared store. 5 s: long enough for two of the three
+    # renewals per lease to be lost to a hiccup, short enough that a proxy cut off from
+    # etcd stops within seconds (Stolon's proxy checks its store every 5 s as well).
+    store_ttl: float = 5.0
+    # "stop": a proxy that lost its lease stops serving (it cannot know whether a peer
+    # promoted someone else); "serve": it goes on with the view it has.
+    on_store_loss: StoreLoss = "stop"
+    # TLS to etcd (https when a CA or client certificate is given) and etcd's own users.
+    store_ca_file: str = ""
+    store_cert_file: str = ""
+    store_key_file: str = ""
+    store_user: str = ""
+    store_password: str = ""
+
+    @property
+    def store_url(self) -> str:
+        """The view store in force: ``view_store``, or the state file's ``file:`` URL."""
+        return self.view_store or f"file:{self.state_file}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +269,7 @@ class Overrides:
     admin: str | None = None
     state_file: str | None = None
     protocol: str | None = None
+    view_store: str | None = None
 
 
 # The admin API listens on loopback unless told otherwise; 9901 is Envoy's admin port,
@@ -510,6 +537,81 @@ def _networks(value: object, where: str) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
+def _view_store(value: object, where: str) -> str:
+    """``file:PATH`` or ``etcd://HOST:PORT[,HOST:PORT...]/PREFIX``."""
+    text = _string(value, where)
+    if not text:
+        return text  # the state file
+    if text.startswith("file:"):
+        _path(text[len("file:") :], where)
+        return text
+    if text.startswith("etcd://"):
+        from replicaproxy.etcd import parse_etcd_url
+
+        parse_etcd_url(text, where=where)
+        return text
+    raise ConfigError(
+        f"{where}: expected 'file:PATH' or 'etcd://HOST:PORT[,HOST:PORT...]/PREFIX', "
+        f"got {_show(value)}"
+    )
+
+
+def parse_view_store(text: str, *, where: str) -> str:
+    """Check a ``view_store`` URL (``file:PATH`` or ``etcd://...``); ConfigError names ``where``."""
+    return _view_store(text, where)
+
+
+def _proxy_name(value: object, where: str) -> str:
+    text = _string(value, where)
+    if text and not _NAME.fullmatch(text):
+        raise ConfigError(
+            f"{where}: expected a name of letters, digits and _ . : [ ] -, got {_show(value)}"
+        )
+    return text
+
+
+# etcd leases are whole seconds, and etcd grants no less than its election timeout x 1.5
+# (1.5 s by default): below 1 s a lease would not outlive one renewal.
+_MIN_STORE_TTL = 1.0
+
+
+def _store_ttl(value: object, where: str) -> float:
+    seconds = _duration(value, where, positive=True)
+    if seconds < _MIN_STORE_TTL:
+        raise ConfigError(f"{where}: must be at least 1s, got {_show(value)}")
+    return seconds
+
+
+def _readable(value: object, where: str) -> str:
+    """A file the proxy can read ("" for none)."""
+    if value == "":
+        return ""
+    text = _path(value, where)
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {text!r}: {exc.strerror or exc}") from None
+    return text
+
+
+def _check_store(proxy: ProxyConfig, source: str) -> None:
+    """The view store's keys that only make sense together."""
+    etcd = proxy.store_url.startswith("etcd://")
+    for key in ("store_ca_file", "store_cert_file", "store_key_file", "store_user",
+                "store_password"):  # fmt: skip
+        if getattr(proxy, key) and not etcd:
+            raise ConfigError(
+                f"{source}: proxy.{key}: only used with an etcd view_store "
+                f"(view_store is {proxy.store_url!r})"
+            )
+    if proxy.store_key_file and not proxy.store_cert_file:
+        raise ConfigError(f"{source}: proxy.store_key_file: needs proxy.store_cert_file too")
+    if bool(proxy.store_user) != bool(proxy.store_password):
+        key = "store_password" if proxy.store_user else "store_user"
+        raise ConfigError(f"{source}: proxy.{key}: store_user and store_password go together")
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
     if host.lower() in ("localhost", "localhost."):
@@ -552,6 +654,15 @@ _PROXY_KEYS: dict[str, _Parser] = {
     "replica_flush": lambda v, w: _duration(v, w, positive=False),
     "protocol": lambda v, w: _choice(v, w, _PROTOCOLS),
     "compare_window": _replica_buffer,
+    "view_store": _view_store,
+    "name": _proxy_name,
+    "store_ttl": _store_ttl,
+    "on_store_loss": lambda v, w: _choice(v, w, _STORE_LOSS),
+    "store_ca_file": _readable,
+    "store_cert_file": _readable,
+    "store_key_file": _readable,
+    "store_user": _string,
+    "store_password": _string,
 }
 _ADMIN_KEYS: dict[str, _Parser] = {
     "listen": lambda v, w: _address(v, w, allow_zero=True),
@@ -774,6 +885,8 @@ def _finish(draft: _Draft, missing_primary: str) -> Config:
             f"of replicas ({replicas})"
         )
 
+    _check_store(draft.proxy, source)
+
     listen = draft.admin.listen
     if listen is not None and not is_loopback(listen.host) and not draft.admin.token.strip():
         if draft.admin_from_flag:
@@ -834,7 +947,8 @@ def load_config(path: str | Path) -> Config:
 def build_config(path: str | Path | None, overrides: Overrides) -> Config:
     """The config file (if any) with command-line flags applied on top, then validated.
 
-    ``--listen``, ``--mode``, ``--admin``, ``--state-file`` replace the file's values.
+    ``--listen``, ``--mode``, ``--admin``, ``--state-file``, ``--view-store`` replace the
+    file's values (``--state-file PATH`` is short for ``--view-store file:PATH``).
     ``--primary`` replaces the file's primary (a flag-given backend is named by its
     ``HOST:PORT``; if the address is the file's primary's own, that backend is kept as is).
     Each ``--replica``/``--shadow`` adds a backend named by its ``HOST:PORT``.
@@ -863,11 +977,16 @@ def _apply(draft: _Draft, overrides: Overrides) -> None:
         proxy = replace(proxy, listen=listen)
     if overrides.mode is not None:
         proxy = replace(proxy, mode=cast(Mode, _choice(overrides.mode, "--mode", _MODES)))
+    if overrides.state_file is not None and overrides.view_store is not None:
+        raise ConfigError("--state-file: give --view-store or --state-file, not both")
     if overrides.state_file is not None:
-        proxy = replace(proxy, state_file=_path(overrides.state_file, "--state-file"))
+        state_file = _path(overrides.state_file, "--state-file")
+        proxy = replace(proxy, state_file=state_file, view_store=f"file:{state_file}")
     if overrides.protocol is not None:
         protocol = cast(Protocol, _choice(overrides.protocol, "--protocol", _PROTOCOLS))
         proxy = replace(proxy, protocol=protocol)
+    if overrides.view_store is not None:
+        proxy = replace(proxy, view_store=_view_store(overrides.view_store, "--view-store"))
     draft.proxy = proxy
     if overrides.admin is not None:
         admin_listen = parse_address(overrides.admin, where="--admin", allow_zero=True)

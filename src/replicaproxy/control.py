@@ -6,9 +6,14 @@ interface; they never reach into sessions (DESIGN.md "Layout").
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
+
+#: What a request that changes the view answers: at once, or once the store has the change
+#: (a network store answers in its own time).
+Answer = dict[str, Any] | Awaitable[dict[str, Any]]
 
 
 class ControlError(Exception):
@@ -38,7 +43,12 @@ class Control(Protocol):
         "backends": [{"name": "NAME", "address": "HOST:PORT",
         "role": "primary|replica|shadow", "state": "in_sync|stale",
         "health": "up|down|unknown", "sessions": 0, "divergences": 0,
-        "bytes_to": 0, "bytes_from": 0, "lag_bytes": 0}]}``. Byte counts are
+        "bytes_to": 0, "bytes_from": 0, "lag_bytes": 0}],
+        "store": {"kind": "file|etcd", "endpoints": ["HOST:PORT"], "up": true,
+        "revision": 7, "name": "THIS PROXY", "on_store_loss": "stop|serve",
+        "fenced": false, ...}, "proxies": [{"name": "NAME", "listen": "HOST:PORT",
+        "admin": "HOST:PORT", "version": "0.1.0", "started": 1764201600.0,
+        "self": true}]}``. Byte counts are
         cumulative (the status page turns them into rates); ``lag_bytes`` is
         input accepted for that backend but not yet handed to its socket.
         """
@@ -48,12 +58,12 @@ class Control(Protocol):
         """Recent events with ``id > since``, oldest first (at most the last 200).
 
         Each: ``{"id": 7, "time": 1764201600.5 (unix seconds), "kind":
-        "failover|stale|synced|divergence|health|reload|drain", "backend": "NAME"
+        "failover|stale|synced|divergence|health|reload|drain|peer|store", "backend": "NAME"
         or None, "epoch": 3, "message": "..."}``.
         """
         ...
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self) -> Answer:
         """Re-read the config file (as SIGHUP does); returns ``{"ok": true, "changes":
         [...]}``. ControlError(400) with the config's errors when it is rejected
         (the old config stays), ControlError(409) when there is no file to read.
@@ -65,7 +75,7 @@ class Control(Protocol):
         ``{"draining": true, "sessions": N}``."""
         ...
 
-    def promote(self, name: str) -> dict[str, Any]:
+    def promote(self, name: str) -> Answer:
         """Planned switchover to the in-sync replica ``name``; returns the new status.
 
         Raises ControlError(404) for an unknown backend, ControlError(409) when
@@ -74,7 +84,7 @@ class Control(Protocol):
         """
         ...
 
-    def mark_synced(self, name: str) -> dict[str, Any]:
+    def mark_synced(self, name: str) -> Answer:
         """The operator says ``name`` has the primary's data; returns the new status.
 
         Errors as for :meth:`promote`.

@@ -7,6 +7,7 @@ into ``click.ClickException`` (exit code 1).
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import sys
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from replicaproxy.config import ConfigError, parse_address
+from replicaproxy.config import ConfigError, load_config, parse_address, parse_view_store
 from replicaproxy.options import Once
 
 __all__ = [
@@ -244,6 +245,40 @@ def render_status(status: dict[str, Any], console: Console) -> None:
             cells.append(cell)
         table.add_row(*cells, style=" ".join(styles) or None)
     console.print(table)
+    store = status.get("store")
+    if isinstance(store, dict):
+        console.print(Text(_store_line(store)))
+    proxies = [p for p in status.get("proxies", []) if isinstance(p, dict)]
+    if proxies and isinstance(store, dict) and store.get("kind") != "file":
+        members = Table("proxy", "listen", "admin", "version", "up")
+        now = time.time()
+        for p in proxies:
+            started: Any = p.get("started")
+            members.add_row(
+                Text(str(p.get("name", "")) + (" (this one)" if p.get("self") else "")),
+                Text(str(p.get("listen") or "")),
+                Text(str(p.get("admin") or "")),
+                Text(str(p.get("version") or "")),
+                Text(_duration(now - float(started)) if _is_number(started) else ""),
+            )
+        console.print(members)
+
+
+def _store_line(store: dict[str, Any]) -> str:
+    """``view store etcd 127.0.0.1:2379 /prefix: up, revision 12`` (or file PATH)."""
+    kind = str(store.get("kind", "?"))
+    if kind == "file":
+        where = str(store.get("path", ""))
+    else:
+        endpoints = store.get("endpoints")
+        listed = ",".join(str(e) for e in endpoints) if isinstance(endpoints, list) else "?"
+        where = f"{listed} {store.get('prefix', '')}"
+    state = "up" if store.get("up") else "DOWN"
+    if store.get("fenced"):
+        state += " (fenced: not serving)"
+    revision = store.get("revision")
+    rev = f", revision {revision}" if _is_number(revision) else ""
+    return f"view store {kind} {where}: {state}{rev}"
 
 
 def render_events(events: list[dict[str, Any]]) -> list[str]:
@@ -274,6 +309,8 @@ def render_events(events: list[dict[str, Any]]) -> list[str]:
 class _Target:
     admin: str
     token: str
+    view_store: str = ""
+    config: str = ""
 
 
 _pass_target = click.make_pass_decorator(_Target)
@@ -298,11 +335,29 @@ _pass_target = click.make_pass_decorator(_Target)
     help="Bearer token for promote / mark-synced / reload / drain (env REPLICAPROXY_TOKEN, "
     "which other users cannot see in the process list).",
 )
+@click.option(
+    "--view-store",
+    cls=Once,
+    metavar="URL",
+    default="",
+    envvar="REPLICAPROXY_VIEW_STORE",
+    help="Read the shared view from this store (etcd://HOST:PORT[,...]/PREFIX) instead of "
+    "asking a proxy: for status with no proxy running, and for import-view "
+    "(env REPLICAPROXY_VIEW_STORE).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    cls=Once,
+    metavar="FILE",
+    default="",
+    help="A proxy config whose view_store and store_* keys (TLS, user) --view-store uses.",
+)
 @click.pass_context
-def ctl(ctx: click.Context, admin: str, token: str) -> None:
+def ctl(ctx: click.Context, admin: str, token: str, view_store: str, config_path: str) -> None:
     """Ask a running proxy for its status and events, to promote or mark a backend in sync,
-    to reload its config, or to drain."""
-    ctx.obj = _Target(admin=admin, token=token)
+    to reload its config, or to drain. With --view-store: read or fill the shared view."""
+    ctx.obj = _Target(admin=admin, token=token, view_store=view_store, config=config_path)
 
 
 @ctl.command("status")
@@ -310,7 +365,10 @@ def ctl(ctx: click.Context, admin: str, token: str) -> None:
 @_pass_target
 def status_command(target: _Target, as_json: bool) -> None:
     """Show the view (epoch, primary, mode) and every backend."""
-    status = _call(lambda: fetch_status(target.admin, target.token))
+    if target.view_store or target.config:
+        status = _call(lambda: _store_status(target))
+    else:
+        status = _call(lambda: fetch_status(target.admin, target.token))
     if as_json:
         click.echo(json.dumps(status, indent=2))
         return
@@ -392,3 +450,138 @@ def _call(request: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return request()
     except CtlError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@ctl.command("import-view")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--replace", is_flag=True, help="Replace a view the store already holds (epoch kept rising)."
+)
+@_pass_target
+def import_view_command(target: _Target, file: str, replace: bool) -> None:
+    """Move the view in a state FILE into the --view-store (stop the proxy first).
+
+    The view keeps its epoch, primary and stale set. A state file whose proxy did not stop
+    cleanly is imported with every replica stale.
+    """
+    click.echo(_call(lambda: _run(_import_view(target, file, replace=replace))))
+
+
+def _open_store(target: _Target) -> Any:
+    from replicaproxy.server import _store_options
+    from replicaproxy.store import StoreOptions, open_store
+
+    url, options = target.view_store, StoreOptions()
+    if target.config:
+        try:
+            config = load_config(target.config)
+        except ConfigError as exc:
+            raise CtlError(str(exc)) from None
+        options = _store_options(config)
+        url = url or config.proxy.store_url
+    if not url.startswith("etcd://") and not url.startswith("file:"):
+        raise CtlError(f"--view-store: expected file:PATH or etcd://HOST:PORT/PREFIX, got {url!r}")
+    try:
+        parse_view_store(url, where="--view-store")
+    except ConfigError as exc:
+        raise CtlError(str(exc)) from None
+    return open_store(url, options=options)
+
+
+def _run(coro: Any) -> Any:
+    from replicaproxy.store import StateError
+
+    try:
+        return asyncio.run(coro)
+    except StateError as exc:
+        raise CtlError(str(exc)) from None
+
+
+def _store_status(target: _Target) -> dict[str, Any]:
+    """A status built from the store alone (no proxy asked): the view and the members."""
+    store = _open_store(target)
+
+    async def read() -> dict[str, Any]:
+        try:
+            snapshot = await store.snapshot()
+        finally:
+            await store.close()
+        about = store.describe()
+        if snapshot.view is None:
+            raise CtlError(f"no view in {target.view_store or target.config} yet")
+        view = snapshot.view.view
+        return {
+            "epoch": view.epoch,
+            "primary": view.primary,
+            "mode": "?",
+            "clean": view.clean,
+            "backends": [
+                {
+                    "name": name,
+                    "address": "",
+                    "role": "primary" if name == view.primary else "replica",
+                    "state": state,
+                    "health": "",
+                    "sessions": "",
+                }
+                for name, state in view.backends.items()
+            ],
+            "store": {**about, "up": True, "revision": snapshot.view.revision},
+            "proxies": [
+                {**m.describe(), "listed": m.name in view.proxies}
+                for m in sorted(snapshot.members.values(), key=lambda m: m.name)
+            ],
+            "listed_proxies": dict(view.proxies),
+        }
+
+    answer: dict[str, Any] = _run(read())
+    return answer
+
+
+async def _import_view(target: _Target, file: str, *, replace: bool) -> str:
+    from replicaproxy.store import FileStateStore
+
+    store = _open_store(target)
+    if store.kind != "etcd":
+        raise CtlError("--view-store: import-view moves a state file into etcd: give etcd://...")
+    view = FileStateStore(file).load()
+    if view is None:
+        raise CtlError(f"{file}: no such state file")
+    notes = ""
+    if view.unclean_runs({}):
+        # Its proxy died with bytes in flight (or still runs): no replica can be trusted.
+        view = view.after_unclean_stop(view.unclean_runs({}))
+        notes = " (its proxy did not stop cleanly: every replica imported stale)"
+    view = view.with_proxies({})
+    try:
+        snapshot = await store.snapshot()
+        revision = None
+        if snapshot.view is not None:
+            held = snapshot.view.view
+            if not replace:
+                raise CtlError(
+                    f"{store.describe()['prefix']}/view already holds a view (epoch "
+                    f"{held.epoch}, primary {held.primary}); nothing imported (--replace)"
+                )
+            if snapshot.members:
+                raise CtlError(
+                    f"proxies {', '.join(sorted(snapshot.members))} run on the view: stop "
+                    "them before replacing it"
+                )
+            revision = snapshot.view.revision
+            from replicaproxy.core.view import View
+
+            # The epoch never goes back, on any proxy that saw the held view.
+            epoch = max(view.epoch, held.epoch + 1)
+            view = View(epoch, view.primary, dict(view.backends), True)
+        stored = await store.swap(revision, view)
+    finally:
+        await store.close()
+    if stored is None:
+        raise CtlError("the view changed while importing; nothing imported (try again)")
+    stale = [n for n, s in view.backends.items() if s == "stale"]
+    return (
+        f"imported view epoch {view.epoch} (primary {view.primary}"
+        f"{', stale: ' + ', '.join(stale) if stale else ''}) at revision {stored.revision}"
+        f"{notes}"
+    )

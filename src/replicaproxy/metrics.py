@@ -89,6 +89,22 @@ class Metrics:
             registry=r,
         )
         self.epoch = Gauge("replicaproxy_epoch", "Epoch of the current view", registry=r)
+        self.store_up = Gauge(
+            "replicaproxy_store_up",
+            "1 while the view store answers and this proxy holds its lease there, else 0",
+            registry=r,
+        )
+        self.view_changes = Counter(
+            "replicaproxy_view_changes",
+            "Views adopted, by who stored them (local: this proxy; peer: another proxy)",
+            ["source"],
+            registry=r,
+        )
+        self.proxies = Gauge(
+            "replicaproxy_proxies",
+            "Proxies registered in the view store, this one included (1 with a state file)",
+            registry=r,
+        )
         self.replica_lag = Gauge(
             "replicaproxy_replica_lag_bytes",
             "Input accepted for a backend but not yet handed to its socket, over all sessions",

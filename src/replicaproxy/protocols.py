@@ -57,6 +57,13 @@ class Protocols:
             return RespFraming(self.rules)
         return None
 
+    def liveness(self) -> tuple[bytes, bytes]:
+        """What a backend must answer to count as alive (health ``send``, ``expect``):
+        for RESP, any reply to PING (-NOAUTH included); for bytes, nothing."""
+        if self.protocol == "resp":
+            return b"PING\r\n", b"\r\n"
+        return b"", b""
+
     def wants_tips(self) -> bool:
         return self.protocol == "resp" and self.config.protocols.resp.server_tips
 

@@ -4,6 +4,10 @@
 builds a :class:`~replicaproxy.core.session.Session` for each accepted client
 and hands it to a :class:`~replicaproxy.io.driver.SessionDriver`; it never
 reaches into a session, it only hears what sessions report.
+
+The view itself is kept by a :class:`~replicaproxy.viewkeeper.ViewKeeper`: the
+server asks it for changes (failovers, stale marks, the operator's requests) and
+hears from it what peers changed, which it applies to its sessions.
 """
 
 from __future__ import annotations
@@ -15,15 +19,16 @@ import itertools
 import logging
 import random
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from replicaproxy import compiled
+from replicaproxy import __version__, compiled
 from replicaproxy.config import (
     Address,
     BackendConfig,
@@ -33,7 +38,7 @@ from replicaproxy.config import (
     is_loopback,
 )
 from replicaproxy.control import ControlError
-from replicaproxy.core.events import CLIENT
+from replicaproxy.core.events import CLIENT, PromoteResult
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
@@ -41,7 +46,15 @@ from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
 from replicaproxy.logutil import RateLimited, one_line
 from replicaproxy.metrics import Metrics
 from replicaproxy.protocols import Protocols
-from replicaproxy.store import FileStateStore, StateError, StateStore
+from replicaproxy.store import (
+    Snapshot,
+    StateError,
+    StoreDown,
+    StoreOptions,
+    ViewStore,
+    open_store,
+)
+from replicaproxy.viewkeeper import Decision, ViewKeeper
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +99,25 @@ def _flusher(config: Config) -> Flusher | None:
     return Flusher(p.replica_flush) if p.mode == "async" and p.replica_flush > 0 else None
 
 
+def _store_options(config: Config) -> StoreOptions:
+    p = config.proxy
+    return StoreOptions(
+        ca_file=p.store_ca_file,
+        cert_file=p.store_cert_file,
+        key_file=p.store_key_file,
+        user=p.store_user,
+        password=p.store_password,
+    )
+
+
+def store_label(store: ViewStore) -> str:
+    """How messages name the place of the view: the state file's path, or etcd's key."""
+    about = store.describe()
+    if store.kind == "file":
+        return str(about["path"])
+    return f"etcd {','.join(about['endpoints'])} {about['prefix']}/view"
+
+
 def _limits(config: Config) -> Limits:
     """The per-session limits a config asks for."""
     p = config.proxy
@@ -127,7 +159,7 @@ class Server:
         config: Config,
         metrics: Metrics | None = None,
         *,
-        store: StateStore | None = None,
+        store: ViewStore | None = None,
         reset_state: bool = False,
         config_source: Callable[[], Config] | None = None,
     ) -> None:
@@ -135,11 +167,24 @@ class Server:
         self._config_source = config_source
         self.metrics = metrics if metrics is not None else Metrics()
         self.backends: dict[str, Backend] = {b.name: Backend(b) for b in config.backends}
-        self.store: StateStore = store or FileStateStore(config.proxy.state_file)
+        self.store: ViewStore = store or open_store(
+            config.proxy.store_url, options=_store_options(config)
+        )
         self._reset_state = reset_state
-        # Until start() reads the state file: the config's own view.
-        self.view = View.new(config.primary.name, self._promotable())
+        self.keeper = ViewKeeper(
+            self.store,
+            self,
+            self.metrics,
+            ttl=config.proxy.store_ttl,
+            where=store_label(self.store),
+        )
+        # Until start() reads the store: the config's own view.
+        self.keeper.view = View.new(config.primary.name, self._promotable())
         self.sessions: set[SessionDriver] = set()
+        self._by_sid: dict[int, SessionDriver] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Cut off from the view store (on_store_loss = "stop"): no clients until it is back.
+        self._fenced = False
         self.started = asyncio.Event()
         self.bound: Address | None = None
         self.admin_bound: Address | None = None
@@ -157,7 +202,7 @@ class Server:
         self._draining = False
         self._flusher = _flusher(config)
         self._admin: Any = None
-        self._running = False  # the state file says a proxy runs on this view
+        self._running = False  # the store says this proxy runs on this view
         #: How the run before this one ended, as the state file said at start:
         #: "clean", "unclean" (every replica made stale) or "none" (a new view).
         self.last_stop = "none"
@@ -171,6 +216,23 @@ class Server:
         self._learning: asyncio.Task[None] | None = None
         #: Sessions waiting to hear whether a backend is alive (CheckPrimary), by backend.
         self._alive_checks: dict[str, list[Callable[[bool, str], None]]] = {}
+
+    @property
+    def view(self) -> View:
+        """The view this proxy acts on (kept by ``self.keeper``)."""
+        return self.keeper.view
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` beside the sessions; a failure is logged, never lost."""
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s failed: %s", task.get_name(), exc, exc_info=exc)
 
     def _new_health_checker(self) -> HealthChecker:
         return HealthChecker(
@@ -196,35 +258,28 @@ class Server:
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Read the view, bind the listener, start health checks and the admin API.
+        """Bind the listener, read and join the view, start health checks and the admin API.
 
         ``started`` is set and ``listening on HOST:PORT`` logged once clients can come.
-        Raises StateError when the state file cannot be used.
+        Raises StateError when the stored view cannot be used, StartError when the
+        listener cannot be bound or the view store cannot be reached.
         """
-        self._load_view()
         loop = asyncio.get_running_loop()
         listen = self.config.proxy.listen
         try:
+            # Bound but not accepting until the view is read: the port names this proxy.
             self._listener = await loop.create_server(
                 lambda: ClientProtocol(self._accept),
                 listen.host,
                 listen.port,
                 reuse_address=True,
                 backlog=1024,
+                start_serving=False,
             )
         except OSError as exc:
             raise StartError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         sock = self._listener.sockets[0].getsockname()
         self.bound = Address(str(sock[0]), int(sock[1]))
-        if not self.config.proxy.allow and not is_loopback(listen.host):
-            log.warning(
-                "listening on %s with no proxy.allow list: any host that can reach it may "
-                "connect (and its bytes go to every backend)",
-                listen,
-            )
-        self.health.start()
-        self._ticker = loop.create_task(self._tick(), name="metrics-tick")
-        self._learn_rules()
         if self.config.admin.listen is not None:
             from replicaproxy.admin.app import AdminServer
 
@@ -237,6 +292,27 @@ class Server:
                 raise StartError(
                     f"cannot listen on {admin} (admin API): {exc.strerror or exc}"
                 ) from None
+        info = {
+            "listen": str(self.bound),
+            "admin": str(self.admin_bound) if self.admin_bound else None,
+            "version": __version__,
+        }
+        try:
+            await self.keeper.start(self._first_view, self._name(), info)
+        except StoreDown as exc:
+            raise StartError(f"cannot reach the view store {self.keeper.where}: {exc}") from None
+        self._running = True
+        self._publish_view()
+        if not self.config.proxy.allow and not is_loopback(listen.host):
+            log.warning(
+                "listening on %s with no proxy.allow list: any host that can reach it may "
+                "connect (and its bytes go to every backend)",
+                listen,
+            )
+        self.health.start()
+        self._ticker = loop.create_task(self._tick(), name="metrics-tick")
+        self._learn_rules()
+        await self._listener.start_serving()
         log.info(
             "listening on %s (primary %s, %s mode, epoch %d, %s data path)",
             self.bound,
@@ -245,6 +321,15 @@ class Server:
             self.view.epoch,
             compiled.data_path(),
         )
+        if self.store.shared:
+            log.info(
+                "sharing the view in %s as %s with %d proxies (store_ttl %g s, on_store_loss = %s)",
+                self.keeper.where,
+                self.keeper.name,
+                len(self.keeper.members),
+                self.config.proxy.store_ttl,
+                self.config.proxy.on_store_loss,
+            )
         if stale := compiled.stale():
             log.warning(
                 "the compiled %s is older than its source, which is not what runs: "
@@ -253,95 +338,194 @@ class Server:
             )
         self.started.set()
 
-    def _load_view(self) -> None:
-        """Take the persisted view over the config's primary (DESIGN.md "State")."""
-        stored = self.store.load()
+    def _name(self) -> str:
+        """This proxy's name among its peers: the config's, or HOSTNAME:PORT."""
+        assert self.bound is not None
+        return self.config.proxy.name or f"{socket.gethostname()}:{self.bound.port}"
+
+    def _first_view(self, snapshot: Snapshot) -> tuple[View, int | None]:
+        """The view to start from: the stored one fitted to the config (DESIGN.md "State").
+
+        Returns it with the revision to swap it in at. Raises StateError when the
+        stored view cannot be used with this config.
+        """
+        stored = snapshot.view
         configured = self._promotable()
         primary = self.config.primary.name
+        label = "state file" if self.store.kind == "file" else "shared view"
         if stored is None or self._reset_state:
             view = View.new(primary, configured)
             if stored is not None:
-                view = View(stored.epoch + 1, view.primary, view.backends)
+                view = View(stored.view.epoch + 1, view.primary, view.backends)
                 log.warning(
                     "--reset-state: starting from the config (primary %s, every replica in "
                     "sync), epoch %d",
                     primary,
                     view.epoch,
                 )
-            self._store(None if stored is None else stored.epoch, view.with_clean(False))
-            self.view = view.with_clean(False)
-            self._running = True
-        else:
-            try:
-                view, notes = stored.reconcile(primary, [primary, *configured])
-            except IllegalTransition as exc:
-                raise StateError(f"{self.config.proxy.state_file}: {exc}") from None
-            if view.primary != primary:
-                log.warning(
-                    "the state file's view (epoch %d) names %s as primary, not the config's "
-                    "%s: using the state file",
-                    view.epoch,
-                    view.primary,
-                    primary,
-                )
-            for note in notes:
-                log.warning("state file: %s", note)
-            self.last_stop = "clean" if stored.clean else "unclean"
-            if not stored.clean:
-                # The last proxy died without flushing: input it had accepted may
-                # never have reached some replicas. None can be trusted now.
-                for r in view.replicas():
-                    view = view.mark_stale(r)
-                log.error(
-                    "the last run of the proxy did not stop cleanly: every replica is "
-                    "stale until an operator marks it synced (replicaproxy ctl mark-synced)"
-                )
-            self._store(stored.epoch, view.with_clean(False))
-            self.view = view.with_clean(False)
-            self._running = True
-        self._publish_view()
-
-    def _store(self, old_epoch: int | None, view: View) -> None:
-        if not self.store.compare_and_set(old_epoch, view):
-            raise StateError(
-                f"{self.config.proxy.state_file}: changed by someone else while starting"
+            self.last_stop = "none"
+            return view, None if stored is None else stored.revision
+        try:
+            view, notes = stored.view.reconcile(primary, [primary, *configured])
+        except IllegalTransition as exc:
+            raise StateError(f"{self.keeper.where}: {exc}") from None
+        if view.primary != primary:
+            log.warning(
+                "the %s's view (epoch %d) names %s as primary, not the config's %s: using the %s",
+                label,
+                view.epoch,
+                view.primary,
+                primary,
+                label,
             )
+        for note in notes:
+            log.warning("%s: %s", label, note)
+        runs = {n: m.run for n, m in snapshot.members.items()}
+        dead = view.unclean_runs(runs)
+        self.last_stop = "unclean" if dead else "clean"
+        if dead:
+            # A proxy died without flushing: input it had accepted may never have
+            # reached some replicas. None can be trusted now.
+            view = view.after_unclean_stop(dead)
+            peers = [n for n in dead if n not in (self._name(), "(the last proxy)")]
+            if not self.store.shared:
+                peers = []  # one proxy: whatever its name was, it was this one
+            log.error(
+                "the last run of %s did not stop cleanly: every replica is stale until an "
+                "operator marks it synced (replicaproxy ctl mark-synced)",
+                f"proxies {', '.join(peers)}" if peers else "the proxy",
+            )
+        return view, stored.revision
 
     def _publish_view(self) -> None:
         self.metrics.epoch.set(self.view.epoch)
         for b in self.backends.values():
             self.metrics.backend_in_sync.labels(b.name).set(
-                1 if b.config.role == "shadow" or self.view.in_sync(b.name) else 0
+                1 if b.config.role == "shadow" or self.keeper.in_sync(b.name) else 0
             )
 
-    def _change(
-        self, new: View, why: str, *, kind: str, backend: str | None = None,
-        even_if_unsaved: bool = False,
-    ) -> bool:  # fmt: skip
-        """Persist ``new``, then make it the view. False (logged) if it could not be stored.
+    async def _change(
+        self,
+        decide: Decision,
+        why: str | Callable[[View, View], str],
+        *,
+        kind: str,
+        backend: str | None = None,
+    ) -> bool:
+        """Ask the keeper for a change; False (logged) when it could not be stored."""
+        return await self.keeper.change(decide, why, kind=kind, backend=backend)
 
-        With ``even_if_unsaved`` the view changes in memory all the same: used for
-        marking stale, where the stricter view is safe even if the disk failed.
-        """
-        if new is self.view:
-            return True
-        try:
-            saved = self.store.compare_and_set(self.view.epoch, new)
-            problem = "" if saved else "the state file was changed by someone else"
-        except StateError as exc:
-            saved, problem = False, str(exc)
-        if not saved:
-            log.error("cannot store view epoch %d (%s): %s", new.epoch, why, problem)
-            if not even_if_unsaved:
-                return False
-        old_primary = self.view.primary
-        self.view = new
+    # ------------------------------------------ KeeperHost: told by the keeper
+
+    def view_changed(
+        self, old: View, new: View, *, source: str, why: str, kind: str, backend: str | None
+    ) -> None:
+        """A new view: publish it; if a peer stored it, bring the sessions in line."""
         self._publish_view()
-        log.warning("view epoch %d: %s (primary %s)", new.epoch, why, new.primary)
-        if new.primary != old_primary:
+        if new.primary != old.primary:
             self._learn_rules()
-        self._event(kind, backend, why)
-        return True
+        if source == "local":
+            log.warning("view epoch %d: %s (primary %s)", new.epoch, why, new.primary)
+            self._event(kind, backend, why)
+            # (A change a session asked for is in that session already; one the keeper
+            # made, a peer's unclean stop, reaches the others here.)
+            self._follow(new)
+            return
+        moved = f"primary {old.primary} -> {new.primary}" if new.primary != old.primary else ""
+        stale = [n for n in new.backends if old.in_sync(n) and not new.in_sync(n)]
+        synced = [n for n in new.backends if new.in_sync(n) and not old.in_sync(n)]
+        what = "; ".join(
+            x
+            for x in (
+                moved,
+                f"stale: {', '.join(stale)}" if stale else "",
+                f"in sync: {', '.join(synced)}" if synced else "",
+            )
+            if x
+        )
+        log.warning(
+            "view epoch %d adopted (%s): %s (primary %s)",
+            new.epoch,
+            why,
+            what or "no backend changed",
+            new.primary,
+        )
+        self._event("peer", None, f"view epoch {new.epoch} ({why}): {what or 'no change'}")
+        self._follow(new)
+
+    def _follow(self, view: View) -> None:
+        """Sessions leave what ``view`` (stored by a peer) says is stale.
+
+        A session whose primary is stale there is taken over by an in-sync replica of
+        the session where that is allowed, and closed otherwise: it must not write on
+        to a demoted primary. A replica stale there leaves the session. (A backend that
+        stays in sync is left alone: after a planned switchover both are in sync, and a
+        session on the old primary finishes there, as on the proxy that made it.)
+        """
+        for driver in list(self.sessions):
+            s = driver.session
+            p = s.primary
+            if not view.in_sync(p):
+                driver.primary_down(f"{p} is stale in view epoch {view.epoch}")
+                continue
+            for name in s.members:
+                if (
+                    name != p
+                    and s.in_session(name)
+                    and self._backend(name).config.role != "shadow"
+                    and not view.in_sync(name)
+                ):
+                    driver.backend_stale(name, f"stale in view epoch {view.epoch}")
+
+    def store_lost(self, why: str) -> None:
+        """The lease is gone: stop serving (or, if asked to, serve on), and say so once."""
+        self._event("store", None, f"lost the view store: {why}")
+        if self.config.proxy.on_store_loss == "serve":
+            log.error(
+                "lost the view store (%s): serving on with view epoch %d, as on_store_loss = "
+                '"serve" asks; peers may promote another primary meanwhile',
+                why,
+                self.view.epoch,
+            )
+            return
+        self._fenced = True
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        log.error(
+            "lost the view store (%s): stopped accepting and closing %d sessions; serving "
+            "again once it answers and the view is read again",
+            why,
+            len(self.sessions),
+        )
+        for driver in list(self.sessions):
+            driver.shutdown()
+
+    def store_back(self) -> None:
+        """Registered again with the view read: accept clients again."""
+        self._event("store", None, f"the view store answers again: epoch {self.view.epoch}")
+        self._publish_view()
+        if not self._fenced:
+            return
+        self._fenced = False
+        if self._stop.is_set() or self.bound is None:
+            return
+        self._spawn(self._listen_again(), "listen-again")
+
+    async def _listen_again(self) -> None:
+        assert self.bound is not None
+        try:
+            self._listener = await asyncio.get_running_loop().create_server(
+                lambda: ClientProtocol(self._accept),
+                self.bound.host,
+                self.bound.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as exc:
+            log.error("cannot listen on %s again: %s", self.bound, exc.strerror or exc)
+            return
+        log.warning("accepting clients again on %s (view epoch %d)", self.bound, self.view.epoch)
 
     def _event(self, kind: str, backend: str | None, message: str) -> None:
         """Keep an event for the status page and ``ctl events``."""
@@ -397,17 +581,15 @@ class Server:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        for task in list(self._tasks):
+            task.cancel()
         if self._admin is not None:
             await self._admin.stop()
             self._admin = None
-        if self._running and not self.sessions:
-            # Every session's input reached every replica: the next start may trust them.
-            try:
-                self._store(self.view.epoch, self.view.with_clean(True))
-                self.view = self.view.with_clean(True)
-                self._running = False
-            except StateError as exc:
-                log.error("cannot record the clean stop: %s", exc)
+        # With no session left, every session's input reached every replica: the next
+        # start may trust them. Otherwise the run stays listed: an unclean stop.
+        await self.keeper.stop(clean=self._running and not self.sessions)
+        self._running = False
         if self.started.is_set():
             # (A start that failed says why in its own error, and nothing else.)
             log.info("stopped")
@@ -439,14 +621,17 @@ class Server:
 
     def _reload_on_signal(self) -> None:
         log.info("SIGHUP: reloading the config")
+        self._spawn(self._reload_quietly(), "reload")
+
+    async def _reload_quietly(self) -> None:
         with contextlib.suppress(ControlError):  # reload() logs it and keeps an event
-            self.reload()
+            await self.reload()
 
     # -------------------------------------------------------------- sessions
 
     def _accept(self, transport: asyncio.Transport) -> SessionDriver | None:
         peer = transport.get_extra_info("peername")
-        if self._stop.is_set():
+        if self._stop.is_set() or self._fenced:
             transport.abort()
             return None
         allow = self.config.proxy.allow
@@ -472,7 +657,7 @@ class Server:
         if min_in_sync:
             reachable = [
                 r for r in view.replicas()
-                if view.in_sync(r) and self.health.health(r) != "down"
+                if self.keeper.in_sync(r) and self.health.health(r) != "down"
             ]  # fmt: skip
             if len(reachable) < min_in_sync:
                 self.metrics.refused.labels("min_in_sync").inc()
@@ -494,7 +679,7 @@ class Server:
             if b.role == "shadow":
                 if b.sample >= 1.0 or random.random() < b.sample:
                     members.append(Member(b.name, "shadow"))
-            elif view.in_sync(b.name):
+            elif self.keeper.in_sync(b.name):
                 members.append(Member(b.name, "replica"))
         sid = next(self._ids)
         driver = SessionDriver(
@@ -507,6 +692,7 @@ class Server:
             flusher=self._flusher,
         )
         self.sessions.add(driver)
+        self._by_sid[sid] = driver
         self._idle.clear()
         self.metrics.sessions.inc()
         self.metrics.sessions_active.inc()
@@ -527,43 +713,56 @@ class Server:
         return None if name == self.view.primary else self.config.proxy.replica_buffer
 
     def mark_stale(self, name: str, reason: str, sid: int) -> None:
-        if not self.view.in_sync(name) or name == self.view.primary:
+        """A session saw ``name`` miss input: it is stale from now on (stored soon after)."""
+        if not self.keeper.in_sync(name) or name == self.view.primary:
             return
-        self._change(
-            self.view.mark_stale(name),
-            f"replica {name} is now stale: {reason}" + (f" (session {sid})" if sid else ""),
-            kind="stale",
-            backend=name,
-            even_if_unsaved=True,
-        )
+        why = f"replica {name} is now stale: {reason}" + (f" (session {sid})" if sid else "")
+        self.keeper.mark_stale(name, why)
 
-    def promote_failed(self, old: str, new: str, reason: str, sid: int, kind: str) -> bool:
+    def promote_failed(self, old: str, new: str, reason: str, sid: int, kind: str) -> None:
         """A session lost its primary ``old`` and moved to ``new`` (or wants to).
 
         ``kind`` is ``connect`` (the session waits for the answer) or
         ``midsession`` (it already took over). The view follows if it still
-        names ``old``; if another session moved it first, the answer is whether
-        ``new`` is still in sync.
+        names ``old``; if another session or a peer moved it first, the answer is
+        whether ``new`` is still in sync. The answer comes as a ``PromoteResult``
+        once the change is stored (the session waits for it as for any event).
         """
-        view = self.view
-        if view.primary == new:
-            return True  # another session got there first
-        if view.primary != old:
-            return view.in_sync(new)
-        if not view.in_sync(new):
-            return False
         where = "at connect" if kind == "connect" else "mid-session"
-        return self._failover(new, f"failover {where} (session {sid}): {reason}", kind)
+        self._spawn(
+            self._promote_for(sid, old, new, f"failover {where} (session {sid}): {reason}", kind),
+            f"promote-{sid}",
+        )
 
-    def _failover(self, new: str, why: str, kind: str) -> bool:
-        old = self.view.primary
-        if not self._change(
-            self.view.promote(new, old_primary_missed_input=True), why, kind="failover", backend=new
-        ):
+    async def _promote_for(self, sid: int, old: str, new: str, why: str, kind: str) -> None:
+        ok = await self._failover(old, new, why, kind)
+        view = self.view
+        answer = ok and (view.primary == new or (view.primary != old and view.in_sync(new)))
+        driver = self._by_sid.get(sid)
+        if driver is not None:
+            driver.feed(PromoteResult(new, answer))
+
+    async def _failover(self, old: str, new: str, why: str, kind: str) -> bool:
+        """Promote ``new`` in place of the failed ``old``, unless the view moved on already.
+
+        True when the view names ``new`` now, or no longer names ``old`` (someone was
+        first); False when ``new`` may not be promoted or the change was not stored.
+        """
+        made = [False]
+
+        def decide(view: View) -> View:
+            made[0] = False
+            if view.primary != old or not view.in_sync(new) or new in self.keeper.marking:
+                return view
+            made[0] = True
+            return view.promote(new, old_primary_missed_input=True)
+
+        if not await self._change(decide, why, kind="failover", backend=new):
             return False
-        self.metrics.failovers.labels(kind).inc()
-        log.warning("%s is the primary now; %s is stale", new, old)
-        return True
+        if made[0]:
+            self.metrics.failovers.labels(kind).inc()
+            log.warning("%s is the primary now; %s is stale", new, old)
+        return self.view.primary != old
 
     def _health_changed(self, name: str, health: Health, reason: str) -> None:
         self.metrics.backend_up.labels(name).set(1 if health == "up" else 0)
@@ -571,35 +770,58 @@ class Server:
         if health == "up":
             if name == self.view.primary:
                 self._learn_rules()  # (back, or first seen: it may have been upgraded)
-            stale = self.role_of(name) != "shadow" and not self.view.in_sync(name)
+            stale = self.role_of(name) != "shadow" and not self.keeper.in_sync(name)
             log.info(
                 "health: %s is up%s", name, " (stays stale until marked synced)" if stale else ""
             )
             return
         log.warning("health: %s is down: %s", name, reason)
         if name == self.view.primary:
-            self._primary_down(name, reason)
-        elif self.view.in_sync(name):
+            self._spawn(self._primary_down(name, reason), f"primary-down-{name}")
+        elif self.keeper.in_sync(name):
             self.mark_stale(name, f"health check saw it down ({reason}); it may restart empty", 0)
 
-    def _primary_down(self, name: str, reason: str) -> None:
+    async def _primary_down(self, name: str, reason: str) -> None:
         """The primary failed its health checks: promote the first in-sync replica that is up."""
-        candidates = [
-            b.name
-            for b in self.config.backends
-            if b.name != name
-            and self.role_of(b.name) == "replica"
-            and self.view.in_sync(b.name)
-            and self.health.health(b.name) == "up"
-        ]
-        if not candidates:
+
+        def candidates(view: View) -> list[str]:
+            return [
+                b.name
+                for b in self.config.backends
+                if b.name != name
+                and b.role != "shadow"
+                and view.in_sync(b.name)
+                and self.keeper.in_sync(b.name)
+                and self.health.health(b.name) == "up"
+            ]
+
+        if self.view.primary == name and not candidates(self.view):
             log.error(
                 "primary %s is down and no in-sync replica is up: new sessions will be "
                 "refused until one is",
                 name,
             )
             return
-        if not self._failover(candidates[0], f"failover: primary {name} down ({reason})", "health"):
+        first = (candidates(self.view) or [""])[0]
+        made = [""]
+
+        def decide(view: View) -> View:
+            made[0] = ""
+            if view.primary != name:
+                return view  # replaced already (by a session, or a peer)
+            found = candidates(view)
+            if not found:
+                return view
+            made[0] = found[0]
+            return view.promote(found[0], old_primary_missed_input=True)
+
+        why = f"failover: primary {name} down ({reason})"
+        if not await self._change(decide, why, kind="failover", backend=first):
+            return
+        if made[0]:
+            self.metrics.failovers.labels("health").inc()
+            log.warning("%s is the primary now; %s is stale", made[0], name)
+        if self.view.primary == name:
             return
         for driver in list(self.sessions):
             if driver.session.primary == name:
@@ -638,7 +860,7 @@ class Server:
                     "role": self.role_of(b.name),
                     # A shadow is never promoted, so it is never stale either.
                     "state": "in_sync"
-                    if b.config.role == "shadow" or view.in_sync(b.name)
+                    if b.config.role == "shadow" or self.keeper.in_sync(b.name)
                     else "stale",
                     "health": self.health.health(b.name),
                     "sessions": in_session.get(b.name, 0),
@@ -649,6 +871,15 @@ class Server:
                     "lag_bytes": b.lag,
                 }
                 for b in self.backends.values()
+            ],
+            "store": {
+                **self.keeper.describe(),
+                "on_store_loss": self.config.proxy.on_store_loss,
+                "fenced": self._fenced,
+            },
+            "proxies": [
+                {**m.describe(), "self": m.name == self.keeper.name}
+                for m in sorted(self.keeper.members.values(), key=lambda m: m.name)
             ],
         }
 
@@ -667,13 +898,13 @@ class Server:
             self._stop.set()
         return {"draining": True, "sessions": len(self.sessions)}
 
-    def reload(self) -> dict[str, Any]:
+    async def reload(self) -> dict[str, Any]:
         """Re-read the config; apply it without dropping sessions, or keep the old one."""
         if self._config_source is None:
             raise ControlError(409, "nothing to reload: the proxy was started without --config")
         try:
             new = self._config_source()
-            changes = self._apply(new)
+            changes = await self._apply(new)
         except (ConfigError, ControlError) as exc:
             message = exc.message if isinstance(exc, ControlError) else str(exc)
             log.error("reload rejected, the running config is kept: %s", one_line(message))
@@ -686,7 +917,7 @@ class Server:
         self._event("reload", None, summary)
         return {"ok": True, "changes": changes}
 
-    def _apply(self, new: Config) -> list[str]:
+    async def _apply(self, new: Config) -> list[str]:
         """Switch to ``new``; raise ControlError (changing nothing) when it cannot be."""
         old = self.config
         primary = self.view.primary
@@ -713,15 +944,25 @@ class Server:
                 if a != b:
                     shown = "(changed)" if f.name == "token" else f"{a} -> {b}"
                     changes.append(f"{section}.{f.name}: {shown}")
-        for what in ("proxy.listen", "admin.listen", "admin.token", "proxy.state_file"):
+        for what in (
+            "proxy.listen", "admin.listen", "admin.token", "proxy.state_file",
+            "proxy.view_store", "proxy.name", "proxy.store_ttl", "proxy.on_store_loss",
+        ):  # fmt: skip
             if any(c.startswith(what + ":") for c in changes):
                 log.warning("reload: %s takes effect at the next restart", what)
+
         # The view: new replicas (and moved ones) start stale, removed ones leave it.
-        promotable = [primary] + [
-            b.name for b in new.backends if b.role != "shadow" and b.name != primary
-        ]
-        view, _notes = self.view.reconcile(primary, promotable, reset=moved)
-        if view is not self.view and not self._change(view, "config reloaded", kind="reload"):
+        def decide(view: View) -> View:
+            promotable = [view.primary] + [
+                b.name for b in new.backends if b.role != "shadow" and b.name != view.primary
+            ]
+            return view.reconcile(view.primary, promotable, reset=moved)[0]
+
+        try:
+            stored = await self._change(decide, "config reloaded", kind="reload")
+        except IllegalTransition as exc:  # a peer made a removed backend the primary
+            raise ControlError(400, str(exc)) from None
+        if not stored:
             raise ControlError(400, "the new view could not be stored: see the log")
         for n in before:
             if n not in after or n in moved:
@@ -761,31 +1002,36 @@ class Server:
             raise ControlError(409, f"{name!r} is a shadow: shadows are never promoted")
         return b
 
-    def promote(self, name: str) -> dict[str, Any]:
+    async def promote(self, name: str) -> dict[str, Any]:
         """Planned switchover: new sessions go to ``name``; live ones finish where they are."""
         self._known(name)
         try:
-            new = self.view.promote(name, old_primary_missed_input=False)
+            stored = await self._change(
+                lambda view: view.promote(name, old_primary_missed_input=False),
+                lambda old, new: f"switchover by the operator: {old.primary} -> {name}",
+                kind="failover",
+                backend=name,
+            )
         except IllegalTransition as exc:
             raise ControlError(409, str(exc)) from None
-        old = self.view.primary
-        if not self._change(
-            new, f"switchover by the operator: {old} -> {name}", kind="failover", backend=name
-        ):
+        if not stored:
             raise ControlError(503, "the new view could not be stored: see the proxy's log")
         self.metrics.failovers.labels("manual").inc()
         return self.status()
 
-    def mark_synced(self, name: str) -> dict[str, Any]:
+    async def mark_synced(self, name: str) -> dict[str, Any]:
         """The operator copied the primary's data to ``name``: it may be promoted again."""
         self._known(name)
         try:
-            new = self.view.mark_synced(name)
+            stored = await self._change(
+                lambda view: view.mark_synced(name),
+                f"{name} marked in sync by the operator",
+                kind="synced",
+                backend=name,
+            )
         except IllegalTransition as exc:
             raise ControlError(409, str(exc)) from None
-        if not self._change(
-            new, f"{name} marked in sync by the operator", kind="synced", backend=name
-        ):
+        if not stored:
             raise ControlError(503, "the new view could not be stored: see the proxy's log")
         return self.status()
 
@@ -837,12 +1083,18 @@ class Server:
 
     async def _check_alive(self, name: str) -> None:
         error: str | None = "not configured any more"
+        check = self.config.health
+        if not check.send and not check.expect:
+            # What "alive" means where the health checks do not say: it accepts a
+            # connection, and, for a protocol, answers one of its requests.
+            send, expect = self.protocols.liveness()
+            check = replace(check, send=send, expect=expect)
         try:
             address = self._backend(name).config.address
-            error = await probe(address, self.config.health)
+            error = await probe(address, check)
             if error is None:
                 await asyncio.sleep(ALIVE_RECHECK)
-                error = await probe(address, self.config.health)
+                error = await probe(address, check)
         except KeyError:
             pass
         finally:
@@ -870,6 +1122,7 @@ class Server:
 
     def session_finished(self, driver: SessionDriver, outcome: str) -> None:
         self.sessions.discard(driver)
+        self._by_sid.pop(driver.sid, None)
         if not self.sessions:
             self._idle.set()
         self.metrics.sessions_active.dec()

@@ -551,7 +551,13 @@ def test_backend_that_misbehaves_is_caught_and_the_proxy_serves_on(
             if role == "replica"
             else [("rogue", bad, "primary"), ("good", good, "replica")]
         )
-        with run_proxy(config_text(tmp_path, backends)) as px:
+        # The health checks ask what a real check would: a rogue that accepts and then
+        # resets or closes every connection is not a healthy server.
+        health = (
+            'interval = 0.2\ntimeout = 0.5\nfall = 2\nrise = 2\nsend = "PING\\r\\n"\n'
+            'expect = "+PONG"'
+        )
+        with run_proxy(config_text(tmp_path, backends, health=health)) as px:
             replies = []
             for i in range(3):
                 with connect(px.port) as s:

@@ -195,6 +195,8 @@ def test_the_status_page_in_a_real_browser(tmp_path: Path) -> None:
         expect(page.locator("#primary")).to_have_text(PRIMARY)
         expect(page.locator("#mode")).to_have_text("async")
         expect(page.locator("#last-stop")).to_have_text("new")
+        expect(page.locator("#store")).to_have_text(re.compile(r"^file: up rev 0$"))
+        expect(page.locator("#proxies-section")).to_be_hidden()
         rows = page.locator("#backends tbody tr")
         expect(rows).to_have_count(3)
         for name, role in ((PRIMARY, "primary"), (REPLICA, "replica"), (SHADOW, "shadow")):

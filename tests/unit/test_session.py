@@ -13,6 +13,7 @@ from replicaproxy.core.events import (
     CLIENT,
     Abort,
     Action,
+    BackendStale,
     CheckPrimary,
     ClientClosed,
     ClientData,
@@ -224,6 +225,22 @@ def test_divergence_when_the_replica_is_ahead() -> None:
     h(UpstreamData(P, b"abcX"))
     [report] = h.reports("divergence")
     assert "offset 3" in report.detail
+
+
+def test_a_replica_stale_in_the_view_leaves_the_session_which_goes_on() -> None:
+    h = connected((P, "primary"), (R, "replica"), (S, "shadow"))
+    h(ClientData(b"a"))
+    acts = h(BackendStale(R, "stale in view epoch 3"))
+    assert Abort(R) in acts
+    assert [r.detail for r in h.reports("dropped")] == ["stale in the view: stale in view epoch 3"]
+    assert not h.session.in_session(R)
+    assert h(BackendStale(P, "ignored")) == [], "the primary leaves by PrimaryDown, not this"
+    assert h(BackendStale(S, "ignored")) == [], "a shadow is never stale"
+    assert h(BackendStale(R, "again")) == [], "gone already"
+    h(ClientData(b"b"))
+    assert h.written[P] == b"ab"
+    assert h.written[R] == b"a"
+    assert h.written[S] == b"ab"
 
 
 def test_replica_write_block_drops_it_and_marks_it_stale() -> None:
@@ -945,3 +962,65 @@ def test_a_replica_that_closes_on_the_clients_eof_with_replies_unsent_is_not_sta
     h(UpstreamData(R, b"$1\r\n1\r\n"))
     h(UpstreamEof(R))
     assert h.stale() == {R}
+
+
+# ------------------------------------------------------- staleness, by property
+
+ENDS = st.sampled_from(["eof", "reset"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    before=st.lists(st.sampled_from(["client", "primary", "replica", "diverge", "pause"]),
+                    max_size=6),
+    after=st.lists(st.sampled_from(["primary", "replica", "pause", "client"]), max_size=4),
+    end=ENDS,
+    mode=st.sampled_from(["async", "sync"]),
+    framed=st.booleans(),
+    hot=st.booleans(),
+)  # fmt: skip
+def test_a_replica_that_ends_while_the_clients_input_goes_on_is_stale(
+    before: list[str], after: list[str], end: str, mode: str, framed: bool, hot: bool
+) -> None:
+    """Whatever came before (client data, output, a divergence, a full write buffer)
+    and after, a replica that ends its side while the client goes on sending and the
+    primary stays open is stale by the time the session's timers have run."""
+    from replicaproxy.core.resp import RespFraming, RespRules
+
+    h = connected(
+        (P, "primary"),
+        (R, "replica"),
+        framing=RespFraming(RespRules()) if framed else None,
+        hot=hot,
+        mode=mode,  # type: ignore[arg-type]
+    )
+
+    def step(what: str) -> None:
+        if not h.session.in_session(R) and what in ("replica", "diverge", "pause"):
+            return
+        if what == "client":
+            h(ClientData(b"PING\r\n"))
+        elif what == "primary":
+            h(UpstreamData(P, b"+PONG\r\n"))
+        elif what == "replica":
+            h(UpstreamData(R, b"+PONG\r\n"))
+        elif what == "diverge":
+            h(UpstreamData(R, b"-ERR no\r\n"))
+        elif what == "pause":
+            h(WriteBlocked(R))
+
+    for what in before:
+        step(what)
+    h(ClientData(b"PING\r\n"))
+    if h.session.in_session(R):
+        h(UpstreamEof(R) if end == "eof" else UpstreamClosed(R, "ConnectionResetError"))
+    for what in after:
+        step(what)
+    h(ClientData(b"PING\r\n"))  # the client's input goes on after the replica ended
+    h(UpstreamData(P, b"+PONG\r\n"))  # and so does the primary
+    for timer in (Timer.REPLICA_EOF, Timer.PRIMARY_EOF, Timer.REPLICA_TIMEOUT):
+        if not h.session.finished:
+            h(TimerFired(timer))
+    _answer_checks(h)
+    assert R in h.stale(), [type(a).__name__ for a in h.actions]
+    assert h.session.primary == P, "the primary never failed"

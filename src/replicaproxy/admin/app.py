@@ -26,9 +26,10 @@ from __future__ import annotations
 import functools
 import hmac
 import importlib.resources
+import inspect
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +38,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replicaproxy.config import Address, is_loopback
-from replicaproxy.control import Control, ControlError
+from replicaproxy.control import Answer, Control, ControlError
 
 __all__ = ["MAX_BODY", "PAGE_HEADERS", "AdminServer", "index_html", "make_app"]
 
@@ -189,18 +190,24 @@ class _Api:
     async def reload(self, request: web.Request) -> web.Response:
         """``POST /reload``."""
         await _check_mutation(request, self._token)
-        return web.json_response(self._control.reload())
+        return web.json_response(await _settled(self._control.reload()))
 
     async def drain(self, request: web.Request) -> web.Response:
         """``POST /drain``."""
         await _check_mutation(request, self._token)
         return web.json_response(self._control.drain())
 
-    async def _act(
-        self, request: web.Request, action: Callable[[str], dict[str, Any]]
-    ) -> web.Response:
+    async def _act(self, request: web.Request, action: Callable[[str], Answer]) -> web.Response:
         await _check_mutation(request, self._token)
-        return web.json_response(action(request.match_info["name"]))
+        return web.json_response(await _settled(action(request.match_info["name"])))
+
+
+async def _settled(answer: Answer) -> dict[str, Any]:
+    """A Control answer, awaited if it is still on its way (a change waits for its store)."""
+    if inspect.isawaitable(answer):
+        awaited: Awaitable[dict[str, Any]] = answer
+        return await awaited
+    return answer
 
 
 def _since(values: list[str]) -> int:

@@ -142,6 +142,14 @@ class PrimaryChecked(Event):
 
 
 @dataclass(slots=True)
+class BackendStale(Event):
+    """The view says replica ``name`` is stale (a peer marked it): it leaves the session."""
+
+    name: str
+    reason: str
+
+
+@dataclass(slots=True)
 class Shutdown(Event):
     """The proxy is stopping and the session's grace period is over."""
 

@@ -42,6 +42,7 @@ from replicaproxy.core.events import (
     CLIENT,
     Abort,
     Action,
+    BackendStale,
     CancelTimer,
     CheckPrimary,
     ClientClosed,
@@ -728,6 +729,13 @@ class Session:
             return
         if p.live:
             self._takeover(f"{p.name} marked down: {event.reason}", actions)
+
+    def _on_backend_stale(self, event: BackendStale, actions: list[Action]) -> None:
+        """A replica stale in the view must not go on getting this session's input as one."""
+        u = self._ups.get(event.name)
+        if u is None or u is self._primary or u.role != "replica" or not u.live:
+            return
+        self._drop(u, f"stale in the view: {event.reason}", actions)
 
     def _held_any(self) -> bool:
         return any(u.held for u in self._feeding)
@@ -2064,5 +2072,6 @@ _HANDLERS: dict[type[Event], Callable[[Session, Any, list[Action]], None]] = {
     PromoteResult: Session._on_promote_result,
     PrimaryChecked: Session._on_primary_checked,
     PrimaryDown: Session._on_primary_down,
+    BackendStale: Session._on_backend_stale,
     Shutdown: Session._on_shutdown,
 }

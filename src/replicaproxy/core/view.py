@@ -40,6 +40,10 @@ class View:
     backends: Mapping[str, SyncState] = field(default_factory=dict)
     #: False while a proxy runs on this view; True after it stopped cleanly.
     clean: bool = True
+    #: The proxies running on this view: name -> the id of that run (a new one per
+    #: start). A name still here whose run no longer holds its lease in the store
+    #: stopped without leaving cleanly (see :meth:`joined`).
+    proxies: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.primary not in self.backends:
@@ -75,7 +79,7 @@ class View:
         return new
 
     def _next(self, primary: str, backends: Mapping[str, SyncState]) -> View:
-        return View(self.epoch + 1, primary, dict(backends), self.clean)
+        return View(self.epoch + 1, primary, dict(backends), self.clean, dict(self.proxies))
 
     def mark_stale(self, name: str) -> View:
         """``name`` missed input. The primary cannot be stale: replace it first."""
@@ -110,7 +114,39 @@ class View:
 
     def with_clean(self, clean: bool) -> View:
         """The same view with the clean-shutdown flag set (no new epoch)."""
-        return View(self.epoch, self.primary, dict(self.backends), clean)
+        return View(self.epoch, self.primary, dict(self.backends), clean, dict(self.proxies))
+
+    def with_proxies(self, proxies: Mapping[str, str]) -> View:
+        """The same view run by ``proxies`` (no new epoch: who runs is not who is primary).
+
+        ``clean`` follows: a view nobody runs on was left cleanly by the last one.
+        """
+        return View(self.epoch, self.primary, dict(self.backends), not proxies, dict(proxies))
+
+    def unclean_runs(self, live: Mapping[str, str]) -> list[str]:
+        """The proxies of this view that stopped without leaving it, given the ``live`` runs.
+
+        A name whose run id is not the one ``live`` holds (its lease expired, or it
+        started again since) died with bytes in flight. A view written by a proxy from
+        before the ``proxies`` list says so only with ``clean = false``: that counts too.
+        """
+        dead = [n for n, run in self.proxies.items() if live.get(n) != run]
+        if not self.proxies and not self.clean:
+            dead.append("(the last proxy)")
+        return dead
+
+    def after_unclean_stop(self, names: list[str]) -> View:
+        """``names`` stopped uncleanly: every replica is stale and they leave the list.
+
+        Input they had accepted may never have reached some replicas, so none can be
+        trusted (DESIGN.md "Several proxies, one view"). The epoch moves only if a
+        replica's state changed.
+        """
+        view = self
+        for r in view.replicas():
+            view = view.mark_stale(r)
+        proxies = {n: run for n, run in self.proxies.items() if n not in names}
+        return view.with_proxies(proxies)
 
     def reconcile(
         self, primary_in_config: str, configured: Iterable[str], *, reset: Iterable[str] = ()
@@ -149,12 +185,15 @@ class View:
         return self._next(self.primary, backends), notes
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "epoch": self.epoch,
             "primary": self.primary,
             "backends": dict(self.backends),
             "clean": self.clean,
         }
+        if self.proxies:  # (a view nobody runs on reads as before the list existed)
+            data["proxies"] = dict(self.proxies)
+        return data
 
     @classmethod
     def from_json(cls, data: object) -> View:
@@ -173,7 +212,12 @@ class View:
         clean = data.get("clean", True)
         if not isinstance(clean, bool):
             raise ValueError(f"clean: expected true or false, got {clean!r}")
+        proxies = data.get("proxies", {})
+        if not isinstance(proxies, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in proxies.items()
+        ):
+            raise ValueError("proxies: expected an object of name -> run id")
         try:
-            return cls(epoch, primary, dict(backends), clean)
+            return cls(epoch, primary, dict(backends), clean, dict(proxies))
         except IllegalTransition as exc:
             raise ValueError(str(exc)) from None

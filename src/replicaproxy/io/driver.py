@@ -20,6 +20,7 @@ from replicaproxy.core.events import (
     CLIENT,
     Abort,
     Action,
+    BackendStale,
     CancelTimer,
     CheckPrimary,
     ClientClosed,
@@ -75,7 +76,9 @@ class SessionHost(Protocol):
     def write_limit(self, name: str) -> int | None: ...
     def connected(self, name: str, seconds: float) -> None: ...
     def mark_stale(self, name: str, reason: str, sid: int) -> None: ...
-    def promote_failed(self, old: str, new: str, reason: str, sid: int, kind: str) -> bool: ...
+    def promote_failed(
+        self, old: str, new: str, reason: str, sid: int, kind: str
+    ) -> bool | None: ...
     def report(self, kind: str, name: str, detail: str, sid: int) -> None: ...
     def session_finished(self, driver: SessionDriver, outcome: str) -> None: ...
     def check_alive(self, name: str, answer: Callable[[bool, str], None]) -> None: ...
@@ -246,6 +249,10 @@ class SessionDriver:
     def primary_down(self, reason: str) -> None:
         """The health checker declared this session's primary down."""
         self.feed(PrimaryDown(reason))
+
+    def backend_stale(self, name: str, reason: str) -> None:
+        """The view says replica ``name`` is stale: it leaves the session."""
+        self.feed(BackendStale(name, reason))
 
     # --------------------------------------------------------------- actions
 
@@ -444,7 +451,8 @@ class SessionDriver:
             ok = self.host.promote_failed(
                 action.old, action.name, action.reason, self.sid, action.kind
             )
-            self.feed(PromoteResult(action.name, ok))
+            if ok is not None:  # None: the host feeds PromoteResult once it knows
+                self.feed(PromoteResult(action.name, ok))
         elif isinstance(action, Report):
             self.host.report(action.kind, action.name, action.detail, self.sid)
         elif isinstance(action, CheckPrimary):
