@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 # setup.py compiles these with mypyc; an editable install keeps the builds beside
 # them, so an edit means a new build (see src/replicaproxy/compiled.py).
 COMPILED := src/replicaproxy/core/session.py src/replicaproxy/core/framing.py \
-	src/replicaproxy/core/resp.py src/replicaproxy/io/driver.py
+	src/replicaproxy/core/resp.py src/replicaproxy/core/http.py \
+	src/replicaproxy/core/postgres.py src/replicaproxy/core/memcached.py \
+	src/replicaproxy/io/driver.py
 
 $(STAMP): pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -21,6 +21,9 @@ COMPILED = [
     "src/replicaproxy/core/session.py",
     "src/replicaproxy/core/framing.py",
     "src/replicaproxy/core/resp.py",
+    "src/replicaproxy/core/http.py",
+    "src/replicaproxy/core/postgres.py",
+    "src/replicaproxy/core/memcached.py",
     "src/replicaproxy/io/driver.py",
 ]
 

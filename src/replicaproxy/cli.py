@@ -129,9 +129,10 @@ def cli() -> None:
 @click.option(
     "--protocol",
     cls=Once,
-    type=click.Choice(["bytes", "resp"]),
+    type=click.Choice(["bytes", "resp", "http", "postgres", "memcached"]),
     help="Compare replies byte for byte (bytes, the default) or as messages of a protocol "
-    "(resp: Redis and its forks), by its rules.",
+    "(resp: Redis and its forks; http: HTTP/1.1; postgres; memcached's text protocol), "
+    "by its rules.",
 )
 @click.option(
     "--admin", cls=Once, metavar="HOST:PORT", help="Admin HTTP address (off unless given)."

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
-from replicaproxy.core import framing, resp, session
+from replicaproxy.core import framing, http, memcached, postgres, resp, session
 from replicaproxy.io import driver
 
-MODULES: tuple[ModuleType, ...] = (session, framing, resp, driver)
+MODULES: tuple[ModuleType, ...] = (session, framing, resp, http, postgres, memcached, driver)
 
 
 def _built(module: ModuleType) -> Path | None:

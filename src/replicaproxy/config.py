@@ -42,8 +42,10 @@ __all__ = [
     "ConfigError",
     "Divergence",
     "HealthConfig",
+    "HttpConfig",
     "Mode",
     "Overrides",
+    "PostgresConfig",
     "Protocol",
     "ProtocolConfig",
     "ProxyConfig",
@@ -70,7 +72,7 @@ class ConfigError(Exception):
 Role = Literal["primary", "replica", "shadow"]
 Mode = Literal["async", "sync"]
 Divergence = Literal["log", "stale"]
-Protocol = Literal["bytes", "resp"]
+Protocol = Literal["bytes", "resp", "http", "postgres", "memcached"]
 StoreLoss = Literal["stop", "serve"]
 
 _ROLES: tuple[str, ...] = get_args(Role)
@@ -225,10 +227,29 @@ class RespConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Rules for ``protocol = "http"``."""
+
+    #: Response headers whose values may differ (names, any case). Date: each server's
+    #: clock, and a second boundary between primary and replica is common.
+    ignore_headers: tuple[str, ...] = ("date",)
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    """Rules for ``protocol = "postgres"``."""
+
+    #: ParameterStatus messages (by parameter name) whose values may differ.
+    ignore_parameters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolConfig:
     """The ``[protocol.NAME]`` tables: each protocol's rules."""
 
     resp: RespConfig = RespConfig()
+    http: HttpConfig = HttpConfig()
+    postgres: PostgresConfig = PostgresConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +426,7 @@ _SIZE_UNITS = {
     "GB": Fraction(1000**3),
 }
 _NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # (an HTTP token: RFC 9110)
 _COMMAND = re.compile(r"[A-Za-z0-9_.:|-]+(?:\s+(?:[A-Za-z0-9_.:|-]+|\*))?")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -489,6 +511,20 @@ def _replica_buffer(value: object, where: str) -> int:
     if size < _MIN_REPLICA_BUFFER:
         raise ConfigError(f"{where}: must be at least 1KiB, got {_show(value)}")
     return size
+
+
+def _names(value: object, where: str, what: str) -> tuple[str, ...]:
+    """A list of header or parameter names, compared in lowercase."""
+    if not isinstance(value, list):
+        raise ConfigError(
+            f'{where}: expected a list of {what} names like ["date"], got {_show(value)}'
+        )
+    out: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _TOKEN.fullmatch(item):
+            raise ConfigError(f"{where}[{i}]: expected a {what} name, got {_show(item)}")
+        out.append(item.lower())
+    return tuple(out)
 
 
 def _boolean(value: object, where: str) -> bool:
@@ -684,7 +720,15 @@ _RESP_KEYS: dict[str, _Parser] = {
     "server_tips": _boolean,
 }
 #: [protocol.NAME] tables, by protocol.
-_PROTOCOL_TABLES: dict[str, dict[str, _Parser]] = {"resp": _RESP_KEYS}
+_HTTP_KEYS: dict[str, _Parser] = {"ignore_headers": lambda v, w: _names(v, w, "header")}
+_POSTGRES_KEYS: dict[str, _Parser] = {
+    "ignore_parameters": lambda v, w: _names(v, w, "parameter"),
+}
+_PROTOCOL_TABLES: dict[str, dict[str, _Parser]] = {
+    "resp": _RESP_KEYS,
+    "http": _HTTP_KEYS,
+    "postgres": _POSTGRES_KEYS,
+}
 _TABLES: dict[str, Iterable[str]] = {
     "proxy": _PROXY_KEYS,
     "admin": _ADMIN_KEYS,
@@ -826,15 +870,24 @@ def _parse(data: Mapping[str, object], source: str) -> _Draft:
     return _Draft(source, proxy, admin, health, backends, protocols=protocols)
 
 
+def _protocol_table(
+    table: Mapping[Any, object], name: str, source: str
+) -> tuple[dict[str, Any], str]:
+    where = f"{source}: protocol.{name}"
+    value = table.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table ([protocol.{name}]), got {_show(value)}")
+    return _parse_table(value, _PROTOCOL_TABLES[name], where), where
+
+
 def _parse_protocols(table: Mapping[Any, object], source: str) -> ProtocolConfig:
     _reject_unknown(table, _PROTOCOL_TABLES, f"{source}: protocol")
+    http = HttpConfig(**_protocol_table(table, "http", source)[0])
+    postgres = PostgresConfig(**_protocol_table(table, "postgres", source)[0])
     resp = RespConfig()
     if "resp" in table:
-        where = f"{source}: protocol.resp"
-        value = table["resp"]
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a table ([protocol.resp]), got {_show(value)}")
-        resp = RespConfig(**_parse_table(value, _RESP_KEYS, where))
+        fields, where = _protocol_table(table, "resp", source)
+        resp = RespConfig(**fields)
         seen: dict[str, str] = {}
         for kind in ("ignore", "unordered", "exact"):
             for name in getattr(resp, kind):
@@ -843,7 +896,7 @@ def _parse_protocols(table: Mapping[Any, object], source: str) -> ProtocolConfig
                         f"{where}.{kind}: {name!r} is also in protocol.resp.{seen[name]}"
                     )
                 seen[name] = kind
-    return ProtocolConfig(resp=resp)
+    return ProtocolConfig(resp=resp, http=http, postgres=postgres)
 
 
 def _finish(draft: _Draft, missing_primary: str) -> Config:

@@ -55,8 +55,16 @@ class HealthState:
         return None
 
 
-async def probe(address: Address, config: HealthConfig) -> str | None:
-    """Check ``address`` once; return None when healthy, else why not."""
+#: A judge of a probe's answer (see :func:`probe`): True when it says the backend is
+#: up, a reason when it says it is not, False while it needs more of the answer.
+Judge = Callable[[bytes], bool | str]
+
+
+async def probe(address: Address, config: HealthConfig, judge: Judge | None = None) -> str | None:
+    """Check ``address`` once; return None when healthy, else why not.
+
+    ``judge``, where given, reads the answer to ``send`` in place of ``expect``.
+    """
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(config.timeout):
@@ -64,7 +72,19 @@ async def probe(address: Address, config: HealthConfig) -> str | None:
             if config.send:
                 writer.write(config.send)
                 await writer.drain()
-            if config.expect:
+            if judge is not None:
+                seen = b""
+                while True:
+                    data = await reader.read(4096)
+                    seen = (seen + data)[:EXPECT_READ_LIMIT]
+                    verdict = judge(seen)
+                    if verdict is True:
+                        break
+                    if isinstance(verdict, str):
+                        return verdict
+                    if not data:
+                        return "closed before it answered"
+            elif config.expect:
                 seen = b""
                 while config.expect not in seen:
                     data = await reader.read(4096)

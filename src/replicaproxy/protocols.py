@@ -1,6 +1,8 @@
 """The server's side of framed protocols: each session's framing, and the rules behind it.
 
-The framers and rules themselves are pure (``core/framing.py``, ``core/resp.py``);
+The framers and rules themselves are pure (``core/framing.py`` and a module per
+protocol: ``core/resp.py``, ``core/http.py``, ``core/postgres.py``,
+``core/memcached.py``);
 this module holds what needs the config or the network: the rules as configured,
 and, for ``resp``, what the primary itself says about its commands (Redis 7's
 ``COMMAND`` tips), read at start and whenever the primary changes.
@@ -14,8 +16,13 @@ import logging
 from typing import Any
 
 from replicaproxy.config import Address, Config
+from replicaproxy.core import postgres
 from replicaproxy.core.framing import GARBAGE, MORE, Framing
+from replicaproxy.core.http import HttpFraming
+from replicaproxy.core.memcached import McFraming
+from replicaproxy.core.postgres import PgFraming
 from replicaproxy.core.resp import RespFraming, RespParser, RespRules, tips_from_command
+from replicaproxy.health import Judge
 from replicaproxy.logutil import describe_error
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,7 @@ class Protocols:
         self._tips: dict[str, str] | None = None
         self._tips_from: str | None = None  # the backend whose tips these are
         self.rules = self._resp_rules()
+        self._other()
 
     def _resp_rules(self) -> RespRules:
         resp = self.config.protocols.resp
@@ -45,24 +53,56 @@ class Protocols:
             source=f"COMMAND on {self._tips_from}" if self._tips_from else "built-in",
         )
 
+    def _other(self) -> None:
+        """The other protocols' settings, as their framings take them."""
+        protocols = self.config.protocols
+        self._headers = frozenset(h.encode() for h in protocols.http.ignore_headers)
+        self._parameters = frozenset(p.encode() for p in protocols.postgres.ignore_parameters)
+
     def reconfigure(self, config: Config) -> None:
         """A reload: new sessions frame by the new config (live ones keep theirs)."""
         self.config = config
         self.protocol = config.proxy.protocol
         self.rules = self._resp_rules()
+        self._other()
 
     def framing(self) -> Framing | None:
         """The framing for one new session; None for ``bytes``."""
-        if self.protocol == "resp":
+        protocol = self.protocol
+        if protocol == "resp":
             return RespFraming(self.rules)
+        if protocol == "http":
+            return HttpFraming(self._headers)
+        if protocol == "postgres":
+            return PgFraming(self._parameters)
+        if protocol == "memcached":
+            return McFraming()
         return None
+
+    @property
+    def preamble(self) -> bool:
+        """Whether a client's first bytes may be for the proxy itself (PostgreSQL's
+        SSLRequest, GSSENCRequest and CancelRequest)."""
+        return self.protocol == "postgres"
 
     def liveness(self) -> tuple[bytes, bytes]:
         """What a backend must answer to count as alive (health ``send``, ``expect``):
-        for RESP, any reply to PING (-NOAUTH included); for bytes, nothing."""
+        for RESP, any reply to PING (-NOAUTH included); for memcached, its version; for
+        PostgreSQL, an answer to a login that is not "cannot connect now" (see
+        :meth:`judge`); for the others a connection is enough (a crashed server
+        refuses it)."""
         if self.protocol == "resp":
             return b"PING\r\n", b"\r\n"
+        if self.protocol == "memcached":
+            return b"version\r\n", b"VERSION"
+        if self.protocol == "postgres":
+            return postgres.liveness_request(), b""
         return b"", b""
+
+    def judge(self) -> Judge | None:
+        """How to read the answer to :meth:`liveness`'s request, where ``expect`` is not
+        enough: PostgreSQL's, which must not say "cannot connect now"."""
+        return postgres.liveness_verdict if self.protocol == "postgres" else None
 
     def wants_tips(self) -> bool:
         return self.protocol == "resp" and self.config.protocols.resp.server_tips
@@ -110,6 +150,15 @@ class Protocols:
         if self.protocol == "resp":
             out["rules_from"] = self.rules.source
             out["rules"] = self.rules.describe()
+        elif self.protocol == "http":
+            out["rules"] = {"ignore_headers": sorted(h.decode() for h in self._headers)}
+        elif self.protocol == "postgres":
+            out["rules"] = {
+                "ignore": ["BackendKeyData", "NoticeResponse"],
+                "ignore_parameters": sorted(p.decode() for p in self._parameters),
+            }
+        elif self.protocol == "memcached":
+            out["rules"] = {"ignore": ["stats", "version"], "without_cas": ["gets", "gats", "mg"]}
         return out
 
 

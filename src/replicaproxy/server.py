@@ -38,12 +38,13 @@ from replicaproxy.config import (
     is_loopback,
 )
 from replicaproxy.control import ControlError
+from replicaproxy.core import postgres
 from replicaproxy.core.events import CLIENT, PromoteResult
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
 from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
-from replicaproxy.logutil import RateLimited, one_line
+from replicaproxy.logutil import RateLimited, describe_error, one_line
 from replicaproxy.metrics import Metrics
 from replicaproxy.protocols import Protocols
 from replicaproxy.store import (
@@ -74,6 +75,8 @@ TICK_SECONDS = 1.0
 #: 30 tries on a loaded machine): a backend is alive only if it accepts again this
 #: much later.
 ALIVE_RECHECK = 0.1
+#: PostgreSQL cancel keys kept at most (one per live session that logged in).
+MAX_CANCEL_KEYS = 100_000
 
 
 def _call_later(delay: float, callback: Callable[[], None]) -> None:
@@ -182,6 +185,10 @@ class Server:
         self.keeper.view = View.new(config.primary.name, self._promotable())
         self.sessions: set[SessionDriver] = set()
         self._by_sid: dict[int, SessionDriver] = {}
+        #: PostgreSQL cancel keys: what each client got (to its session), and each
+        #: session's own key on every backend (see :meth:`cancel`).
+        self._client_keys: dict[bytes, int] = {}
+        self._backend_keys: dict[int, dict[str, bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Cut off from the view store (on_store_loss = "stop"): no clients until it is back.
         self._fenced = False
@@ -690,6 +697,7 @@ class Server:
             connect_timeout=self.config.proxy.connect_timeout,
             idle_timeout=self.config.proxy.idle_timeout,
             flusher=self._flusher,
+            preamble=self.protocols.preamble,
         )
         self.sessions.add(driver)
         self._by_sid[sid] = driver
@@ -1036,6 +1044,12 @@ class Server:
         return self.status()
 
     def report(self, kind: str, name: str, detail: str, sid: int) -> None:
+        if kind in ("key", "own_key"):
+            key = bytes.fromhex(detail)
+            if kind == "key" and len(self._client_keys) < MAX_CANCEL_KEYS:
+                self._client_keys[key] = sid
+            self._backend_keys.setdefault(sid, {})[name] = key
+            return
         if kind == "allowed":
             # Replies that differed as the rules allow (detail: the request): counted only.
             self._backend(name).allowed += 1
@@ -1084,17 +1098,19 @@ class Server:
     async def _check_alive(self, name: str) -> None:
         error: str | None = "not configured any more"
         check = self.config.health
+        judge = None
         if not check.send and not check.expect:
             # What "alive" means where the health checks do not say: it accepts a
             # connection, and, for a protocol, answers one of its requests.
             send, expect = self.protocols.liveness()
             check = replace(check, send=send, expect=expect)
+            judge = self.protocols.judge()
         try:
             address = self._backend(name).config.address
-            error = await probe(address, check)
+            error = await probe(address, check, judge)
             if error is None:
                 await asyncio.sleep(ALIVE_RECHECK)
-                error = await probe(address, check)
+                error = await probe(address, check, judge)
         except KeyError:
             pass
         finally:
@@ -1106,6 +1122,36 @@ class Server:
                 answer(alive, error or "it accepts connections")
             except Exception:
                 log.exception("answering a check of %s failed", name)
+
+    def cancel(self, key: bytes, peer: str) -> None:
+        """A client's PostgreSQL CancelRequest for ``key`` (the one it got at login):
+        carried out on every backend of that session, each with that backend's own
+        key. A key no session holds is dropped, as PostgreSQL does."""
+        sid = self._client_keys.get(key)
+        keys = dict(self._backend_keys.get(sid, {})) if sid is not None else {}
+        if not keys:
+            self._ratelimit.log(
+                log, logging.INFO, "cancel", "cancel request from %s: no session has its key", peer
+            )
+            return
+        log.info("session %d: cancel request from %s, sent to %s", sid, peer, ", ".join(keys))
+        for name, own in keys.items():
+            with contextlib.suppress(KeyError):
+                address = self._backend(name).config.address
+                self._spawn(self._send_cancel(name, address, own), f"cancel-{sid}-{name}")
+
+    async def _send_cancel(self, name: str, address: Address, key: bytes) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.config.proxy.connect_timeout):
+                reader, writer = await asyncio.open_connection(address.host, address.port)
+                writer.write(postgres.cancel_request(key))
+                await reader.read(1)  # (the server closes once it has read the request)
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request to %s (%s) failed: %s", name, address, describe_error(exc))
+        finally:
+            if writer is not None:
+                writer.close()
 
     def _learn_rules(self) -> None:
         """Read the primary's own rules for its commands (protocol resp), in the background."""
@@ -1123,6 +1169,11 @@ class Server:
     def session_finished(self, driver: SessionDriver, outcome: str) -> None:
         self.sessions.discard(driver)
         self._by_sid.pop(driver.sid, None)
+        keys = self._backend_keys.pop(driver.sid, None)
+        if keys:
+            for key in keys.values():
+                if self._client_keys.get(key) == driver.sid:
+                    del self._client_keys[key]
         if not self.sessions:
             self._idle.set()
         self.metrics.sessions_active.dec()

@@ -285,5 +285,7 @@ REPORT_KINDS = frozenset(
         "takeover",  # a replica took over the session from a failed primary
         "closed",  # the session could not go on (no replica to take over, too few in sync)
         "allowed",  # replies differed as the protocol's rules allow (detail: the request)
+        "key",  # the key the client got (PostgreSQL's BackendKeyData, hex), for cancels
+        "own_key",  # a replica's own key for the same session (hex)
     }
 )

@@ -57,6 +57,8 @@ class Expect:
         self.exact = kind == "exact"
         #: The reply may differ in any way: only where it ends matters.
         self.ignored = kind == "ignore"
+        #: The reply holds something the proxy keeps per backend (see :meth:`learn`).
+        self.learns = False
 
     def equivalent(self, primary: bytes, mirror: bytes) -> bool:
         """Whether two whole replies to this request count as the same answer."""
@@ -66,6 +68,11 @@ class Expect:
         """What differs, for the divergence line (called only when not equivalent);
         ``name`` is the mirror's."""
         return describe_bytes(primary, mirror, name)
+
+    def learn(self, reply: bytes) -> bytes | None:
+        """What a backend's whole reply holds that the proxy keeps per backend (where
+        :attr:`learns`): PostgreSQL's BackendKeyData, to route cancels."""
+        return None
 
     def __repr__(self) -> str:
         return f"Expect({self.label!r}, {self.kind!r})"
@@ -90,6 +97,11 @@ class ReplyParser:
         """
         raise NotImplementedError
 
+    def finish(self) -> bool:
+        """The upstream closed its side: whether the reply ends there (a body
+        delimited by the close), so that it is whole."""
+        return False
+
 
 class Framing:
     """One session's view of its protocol: requests in, replies paired with them."""
@@ -103,6 +115,8 @@ class Framing:
         self.deaf = False
         #: Lost at an UNCOMPARED marker: what follows is not compared at all.
         self.uncompared = False
+        #: The server may say last words between replies (see :meth:`last_words`).
+        self.says_last_words = False
 
     def request(self, data: bytes) -> None:
         """The client sent ``data`` (every byte, in order, once)."""
@@ -123,6 +137,21 @@ class Framing:
     def parser(self, expect: Expect) -> ReplyParser:
         """A parser for a replica's reply to a request that expects ``expect``."""
         raise NotImplementedError
+
+    def finish(self) -> bool:
+        """The primary closed its side inside a reply: whether the reply ends there."""
+        return False
+
+    def last_words(self, data: bytes, pos: int) -> bool:
+        """Whether the primary's output at ``data[pos]``, between replies, is its last
+        words (only asked where :attr:`says_last_words`)."""
+        return False
+
+    def ends(self) -> int:
+        """Where, in the primary's reply that just ended, its last words began: a
+        message after which the server closes the connection (PostgreSQL's FATAL),
+        as bytes from the reply's start; -1 when the reply ended as usual."""
+        return -1
 
     def unbegin(self, expects: list[Expect]) -> None:
         """Replies to these requests (oldest first) are to be framed again, from a new

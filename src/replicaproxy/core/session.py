@@ -240,6 +240,7 @@ class Session:
         "_eof_forwarded",
         "_eof_pending",
         "_expects",
+        "_facts",
         "_feeding",
         "_framed_to",
         "_framing",
@@ -248,6 +249,7 @@ class Session:
         "_half_window",
         "_head",
         "_last_end",
+        "_last_words",
         "_linger_started",
         "_mirrors",
         "_open",
@@ -346,6 +348,11 @@ class Session:
         self._head = 0
         self._open = False  # the last reply began and has not ended
         self._last_end = 0  # where the last reply that ended ended
+        #: The primary's last words (a PostgreSQL FATAL), held from the client until
+        #: it is known whether the server ended the session or the primary failed.
+        self._last_words: bytearray | None = None
+        #: What the primary's replies held worth keeping (Framing.learn), to report.
+        self._facts: list[bytes] = []
         self._spans: deque[_Reply] = deque()
         self._framed_to = 0  # the primary's stream is framed up to here
         #: Where each server's output became its own (after MONITOR): not compared on.
@@ -499,8 +506,8 @@ class Session:
             return False
         if self._framing is not None:
             self._frame(start, data)
-            if self._spans:
-                return False  # a reply that may differ: compared the long way
+            if self._spans or self._facts or self._last_words is not None:
+                return False  # a reply that may differ, or news: the long way
         end = start + len(data)
         lowest = end  # the output of the compared mirror furthest behind
         for r in self._mirrors:
@@ -719,6 +726,14 @@ class Session:
 
     def _on_primary_down(self, event: PrimaryDown, actions: list[Action]) -> None:
         p = self._primary
+        if self._eof_pending and not self._eof_forwarded and not self._ending:
+            # It ended its side (or its connection broke) and the session is finding
+            # out whether it failed: the view's word settles it.
+            self._checking = False
+            self._primary_alive = False
+            why = self._primary_gone or f"{p.name} ended its side of the session"
+            self._takeover(f"{why}, and it is marked down: {event.reason}", actions)
+            return
         if not self._gate_open and self._primary_lost is None and p.live:
             # Still connecting, nothing sent anywhere: as good as a failed connect.
             self._abort(p, actions)
@@ -846,7 +861,7 @@ class Session:
         """Frame the primary's output ``data``, which sits at ``start`` in its stream."""
         f = self._framing
         end = start + len(data)
-        if f is None or end <= self._framed_to:
+        if f is None or end <= self._framed_to or self._last_words is not None:
             return
         pos = self._framed_to - start
         if pos < 0:  # (a gap: output passed unframed while nothing was compared)
@@ -869,6 +884,12 @@ class Session:
         n = len(data)
         while pos < n:
             if not self._open:
+                if f.says_last_words and f.last_words(data, pos):
+                    # Between replies, its last words (PostgreSQL's FATAL when its
+                    # postmaster died): held, as inside a reply.
+                    self._last_words = bytearray()
+                    self._framed_to = start + pos
+                    return
                 expect = f.begin(data, pos)
                 if expect is None:
                     if f.uncompared:
@@ -885,6 +906,19 @@ class Session:
                 if stop == GARBAGE:
                     f.lose()
                 return
+            last = f.ends()
+            if last >= 0:
+                # The primary's last words (the server closes after them): held, and
+                # the reply left unfinished where they begin.
+                self._last_words = bytearray()
+                self._framed_to = starts[-1] + last
+                return
+            expect = expects[-1]
+            if expect.learns:
+                reply = self._reply_bytes(starts[-1], start, data, stop)
+                fact = expect.learn(reply) if reply is not None else None
+                if fact is not None:
+                    self._facts.append(fact)
             self._open = False
             self._last_end = start + stop
             spans = self._spans
@@ -892,8 +926,21 @@ class Session:
                 spans[-1].end = start + stop  # (the reply that just ended)
             pos = stop
 
+    def _reply_bytes(self, at: int, start: int, data: bytes, stop: int) -> bytes | None:
+        """The primary's reply from ``at`` to ``data[stop]`` (``data`` sits at ``start``,
+        the window's end); None if the window no longer holds its start."""
+        if at >= start:
+            return data[at - start : stop]
+        base = self._window_base
+        if at < base:
+            return None
+        return bytes(self._window[at - base :]) + data[:stop]
+
     def _framed_primary_output(self, data: bytes, actions: list[Action]) -> None:
         p = self._primary
+        if self._last_words is not None and self._framed_to <= self._frontier:
+            self._last_words += data  # (all it says after its last words is more of them)
+            return
         if p.out < self._frontier or p.span is not None:
             # A new primary repeating the stream the client has: compared, not sent.
             self._feed_mirror(p, data, actions)
@@ -910,6 +957,15 @@ class Session:
         p = self._primary
         start = self._frontier
         self._frame(start, data)
+        for fact in self._facts:
+            actions.append(Report("key", p.name, fact.hex()))
+        self._facts.clear()
+        words = self._last_words
+        if words is not None and self._framed_to < start + len(data):
+            # The stream ends where the primary's last words begin.
+            keep = self._framed_to - start
+            words += data[keep:]
+            data = data[:keep]
         end = start + len(data)
         p.out = self._frontier = end
         if not self._window:
@@ -941,6 +997,10 @@ class Session:
             ):
                 self._ended_early(r, actions)
         self._after_output(actions)
+        if words is not None and not self._eof_pending and not self._ending:
+            self._primary_closed(
+                f"{p.name} sent its last words (a message after which it closes)", actions
+            )
 
     def _feed_mirror(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
         """``r`` sent ``data`` (framed protocols; ``r`` is compared, or a new primary
@@ -1080,6 +1140,10 @@ class Session:
             differs = theirs != mine
         if differs:
             actions.append(Report("allowed", r.name, expect.label))
+        if expect.learns and r.mkept:
+            fact = expect.learn(mine)
+            if fact is not None:
+                actions.append(Report("own_key", r.name, fact.hex()))
         shift = r.shift + r.mlen - length
         self._clear_span(r)
         r.shift = shift  # (rest, placed below, counts on from there)
@@ -1386,6 +1450,7 @@ class Session:
             self.promoted = r.name
         self._checking = False  # (an answer about the old primary no longer matters)
         self._primary_alive = None
+        self._last_words = None  # (the old primary's: the client never gets them)
         offset = self.delivered
         if self._framing is not None:
             self._framed_takeover(r, actions)
@@ -1546,6 +1611,17 @@ class Session:
 
     def _primary_eof(self, actions: list[Action]) -> None:
         self._eof_pending = True
+        f = self._framing
+        if f is not None and self._open and not f.lost and f.finish():
+            # A reply delimited by the close (an HTTP/1.0 body) is whole now.
+            self._open = False
+            self._last_end = self._frontier
+            spans = self._spans
+            if spans and spans[-1].end < 0:
+                spans[-1].end = self._frontier
+                for r in list(self._mirrors):
+                    if r.span is spans[-1]:
+                        self._try_resolve(r, actions)
         self._check_eof(actions)
 
     def _check_eof(self, actions: list[Action]) -> None:
@@ -1606,6 +1682,9 @@ class Session:
             # Sync mode: what the primary said last goes out now that every replica
             # has ended (one whose connection broke cannot confirm it any more).
             self._advance_sync(actions)
+        if self._last_words and not self._client_gone():
+            actions.append(Write(CLIENT, bytes(self._last_words)))
+        self._last_words = None
         if self._primary_gone is not None or self._primary.state is _State.CLOSED:
             self._eof_pending = False
             self._end("server_closed", actions)  # (input held since is dropped)
@@ -1636,7 +1715,14 @@ class Session:
         if self._ending:
             self._close(u, actions)
             return
+        self._finish_own(u, actions)
         self._mirror_ended(u, actions)
+
+    def _finish_own(self, u: _Upstream, actions: list[Action]) -> None:
+        """``u`` ended its side inside a reply of its own: whole, if the close ends it."""
+        if u.span is not None and u.mlen < 0 and u.mparser is not None and u.mparser.finish():
+            u.mlen = u.mown
+            self._try_resolve(u, actions)
 
     def _mirror_ended(self, u: _Upstream, actions: list[Action]) -> None:
         """A replica or shadow ended its side (EOF, or a close) before the session did."""
@@ -1678,7 +1764,7 @@ class Session:
         reason = event.error or "closed by the backend"
         if u is self._primary:
             self._forget(u, actions)
-            self._primary_closed(reason, actions)
+            self._primary_closed(f"connection to {u.name} lost: {reason}", actions)
             return
         if u.role == "replica" and u.compared and not self._ending:
             # Its connection ended: if where the primary's will, the server ended the
@@ -1716,7 +1802,7 @@ class Session:
             # the client's input any more.
             self._end("server_closed", actions)
             return
-        self._primary_gone = f"connection to {self._primary.name} lost: {reason}"
+        self._primary_gone = reason
         # Until it is known whether it failed, the client's input waits: a replica
         # must not take what the primary never did.
         self._gate_open = False

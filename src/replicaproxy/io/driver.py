@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from replicaproxy.config import Address
+from replicaproxy.core import postgres
 from replicaproxy.core.events import (
     CLIENT,
     Abort,
@@ -82,6 +83,7 @@ class SessionHost(Protocol):
     def report(self, kind: str, name: str, detail: str, sid: int) -> None: ...
     def session_finished(self, driver: SessionDriver, outcome: str) -> None: ...
     def check_alive(self, name: str, answer: Callable[[bool, str], None]) -> None: ...
+    def cancel(self, key: bytes, peer: str) -> None: ...
 
 
 def _describe(exc: BaseException | None) -> str | None:
@@ -131,6 +133,7 @@ class SessionDriver:
         connect_timeout: float,
         idle_timeout: float,
         flusher: Flusher | None = None,
+        preamble: bool = False,
     ) -> None:
         self.sid = sid
         self.session = session
@@ -154,6 +157,9 @@ class SessionDriver:
         self._idle_handle: asyncio.TimerHandle | None = None
         self.finished = asyncio.Event()
         self._flusher = flusher
+        #: The client's first bytes while they may be for the proxy itself (PostgreSQL's
+        #: SSLRequest, GSSENCRequest, CancelRequest); None once the session takes them.
+        self.head: bytes | None = b"" if preamble else None
         self._batched: set[str] = set()  # upstreams whose writes wait for the tick
         self._deferred: dict[str, list[bytes]] = {}  # their input until then
         self._marked = False  # the flusher knows this session holds input back
@@ -273,6 +279,37 @@ class SessionDriver:
             t = self._transports.get(name)
             if t is not None and not t.is_closing():
                 t.writelines(batch)
+
+    def preamble(self, data: bytes) -> None:
+        """The client's first bytes, while they may be for the proxy itself.
+
+        An SSLRequest or GSSENCRequest is answered ``N`` here: the proxy cannot mirror
+        an encrypted stream, and a replica must not see a request its primary
+        answered (the client sends its StartupMessage after reading the answer). A
+        CancelRequest is carried out against every backend, each with its own key.
+        """
+        head = (self.head or b"") + data
+        client = self._transports[CLIENT]
+        while True:
+            verdict = postgres.preamble(head)
+            if verdict == postgres.NEED_MORE:
+                self.head = head
+                return
+            if verdict == postgres.ANSWER_NO:
+                if not client.is_closing():
+                    client.write(b"N")
+                head = head[8:]
+                if not head:
+                    self.head = b""
+                    return
+                continue
+            self.head = None
+            if verdict == postgres.CANCEL:
+                self.host.cancel(head[8:16], self.peer)
+                client.close()
+                return
+            self.client_data(head)
+            return
 
     def client_data(self, data: bytes) -> None:
         """ClientData: by the plan while the session's route holds, else by the session."""
@@ -578,7 +615,10 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         d = self.driver
         if d is not None:
-            d.client_data(data)
+            if d.head is None:
+                d.client_data(data)
+            else:
+                d.preamble(data)
 
     def eof_received(self) -> bool:
         if self.driver is not None:
