@@ -412,3 +412,149 @@ def test_after_monitor_each_servers_output_is_its_own_and_not_compared() -> None
     h(UpstreamData(R, bulk(b"w") + b"+OK\r\n"))
     [report] = h.reports("divergence")
     assert report.detail.startswith("reply 1 to GET differs")
+
+
+# ------------------------------------------------------------------ other protocols
+
+
+def _pg_msg(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+
+_PG_PARAMS = b"user\x00app\x00database\x00db\x00\x00"
+PG_STARTUP = (8 + len(_PG_PARAMS)).to_bytes(4, "big") + (3 << 16).to_bytes(4, "big") + _PG_PARAMS
+PG_READY = _pg_msg(b"Z", b"I")
+PG_FATAL = _pg_msg(b"E", b"SFATAL\x00VFATAL\x00C28000\x00Mpassword authentication failed\x00\x00")
+
+
+def pg_login(key: bytes) -> bytes:
+    return _pg_msg(b"R", bytes(4)) + _pg_msg(b"K", key) + PG_READY
+
+
+def postgres_session(**limits: Any) -> Harness:
+    from replicaproxy.core.postgres import PgFraming
+
+    return connected((P, "primary"), (R, "replica"), framing=PgFraming(frozenset()), **limits)
+
+
+def test_a_login_both_servers_refuse_is_passed_on_and_not_a_failover() -> None:
+    h = postgres_session()
+    h(ClientData(PG_STARTUP))
+    refusal = PG_FATAL
+    h(UpstreamData(P, refusal))
+    assert not h.written[CLIENT], "its last words wait: did the server end it, or fail?"
+    h(UpstreamData(R, refusal))
+    h(UpstreamEof(P))
+    h(UpstreamEof(R))
+    assert h.actions[-1] == CheckPrimary(P) and not h.written[CLIENT]
+    h(PrimaryChecked(P, alive=True))  # it answers: it refused the login, and is up
+    assert h.written[CLIENT] == refusal
+    assert not h.of(Promote) and not h.stale() and not h.reports("divergence")
+    assert h.session.outcome == "server_closed"
+
+
+def test_a_replica_that_refuses_the_login_the_primary_accepted_is_stale() -> None:
+    h = postgres_session()
+    h(ClientData(PG_STARTUP))
+    h(UpstreamData(P, pg_login(b"\x00\x00\x00\x01key1")))
+    h(UpstreamData(R, PG_FATAL))
+    h(UpstreamEof(R))
+    assert R in h.stale() and h.reports("divergence")
+    assert h.written[CLIENT] == pg_login(b"\x00\x00\x00\x01key1")
+
+
+def test_a_primary_that_dies_after_the_login_is_taken_over() -> None:
+    h = postgres_session()
+    h(ClientData(PG_STARTUP))
+    h(UpstreamData(P, pg_login(b"\x00\x00\x00\x01key1")))
+    h(UpstreamData(R, pg_login(b"\x00\x00\x00\x02key2")))  # its own key: no divergence
+    assert [r.detail for r in h.reports("key")] == [b"\x00\x00\x00\x01key1".hex()]
+    assert [(r.name, r.detail) for r in h.reports("own_key")] == [
+        (R, b"\x00\x00\x00\x02key2".hex())
+    ]
+    h(UpstreamClosed(P, "ConnectionResetError"))
+    h(TimerFired(Timer.PRIMARY_EOF))
+    h(PrimaryChecked(P, alive=False, reason="Connection refused"))
+    assert h.session.primary == R
+    query = _pg_msg(b"Q", b"select 1\x00")
+    h(ClientData(query))
+    done = _pg_msg(b"C", b"SELECT 1\x00") + PG_READY
+    h(UpstreamData(R, done))
+    assert h.written[CLIENT] == pg_login(b"\x00\x00\x00\x01key1") + done
+    assert not h.reports("divergence")
+
+
+def test_a_fatal_error_from_a_primary_that_then_fails_is_not_sent() -> None:
+    """The primary is shutting down (FATAL: terminating connection) and the replica is
+    not: the client gets the replica's answer, not the last words of a dying server."""
+    h = postgres_session()
+    h(ClientData(PG_STARTUP))
+    h(UpstreamData(P, pg_login(b"\x00\x00\x00\x01key1")))
+    h(UpstreamData(R, pg_login(b"\x00\x00\x00\x02key2")))
+    h(ClientData(_pg_msg(b"Q", b"select 1\x00")))
+    h(UpstreamData(P, PG_FATAL))
+    h(UpstreamEof(P))
+    h(TimerFired(Timer.PRIMARY_EOF))
+    h(PrimaryChecked(P, alive=False, reason="Connection refused"))
+    done = _pg_msg(b"C", b"SELECT 1\x00") + PG_READY
+    h(UpstreamData(R, done))
+    assert h.session.primary == R
+    assert h.written[CLIENT] == pg_login(b"\x00\x00\x00\x01key1") + done
+
+
+def test_an_http_body_that_ends_with_the_close_is_compared_whole() -> None:
+    from replicaproxy.core.http import HttpFraming
+
+    h = connected((P, "primary"), (R, "replica"), framing=HttpFraming(frozenset({b"date"})))
+    h(ClientData(b"GET / HTTP/1.0\r\n\r\n"))
+    h(UpstreamData(P, b"HTTP/1.0 200 OK\r\nDate: 1\r\n\r\nbody"))
+    h(UpstreamData(R, b"HTTP/1.0 200 OK\r\nDate: 2\r\n\r\nbody"))
+    h(UpstreamEof(R))
+    h(UpstreamEof(P))
+    h(TimerFired(Timer.PRIMARY_EOF))
+    h(PrimaryChecked(P, alive=True))
+    assert h.written[CLIENT] == b"HTTP/1.0 200 OK\r\nDate: 1\r\n\r\nbody"
+    assert not h.reports("divergence") and not h.stale() and not h.of(Promote)
+    h2 = connected((P, "primary"), (R, "replica"), framing=HttpFraming(frozenset({b"date"})))
+    h2(ClientData(b"GET / HTTP/1.0\r\n\r\n"))
+    h2(UpstreamData(P, b"HTTP/1.0 200 OK\r\n\r\nbody"))
+    h2(UpstreamData(R, b"HTTP/1.0 200 OK\r\n\r\nbodY"))
+    h2(UpstreamEof(R))
+    h2(UpstreamEof(P))
+    assert h2.reports("divergence") and R in h2.stale()
+
+
+def test_last_words_between_replies_are_held_and_a_dead_primary_taken_over() -> None:
+    """A postmaster dies: its backend says FATAL while the client is between queries."""
+    h = postgres_session()
+    h(ClientData(PG_STARTUP))
+    h(UpstreamData(P, pg_login(b"\x00\x00\x00\x01key1")))
+    h(UpstreamData(R, pg_login(b"\x00\x00\x00\x02key2")))
+    h(UpstreamData(P, PG_FATAL))
+    h(UpstreamEof(P))
+    assert h.written[CLIENT] == pg_login(b"\x00\x00\x00\x01key1")
+    h(TimerFired(Timer.PRIMARY_EOF))
+    h(PrimaryChecked(P, alive=False, reason="Connection refused"))
+    assert h.session.primary == R
+    query = _pg_msg(b"Q", b"select 1\x00")
+    h(ClientData(query))
+    done = _pg_msg(b"C", b"SELECT 1\x00") + PG_READY
+    h(UpstreamData(R, done))
+    assert h.written[CLIENT] == pg_login(b"\x00\x00\x00\x01key1") + done
+
+
+def test_the_view_marking_the_primary_down_during_a_check_is_a_takeover() -> None:
+    """Another session's failover reaches one still asking whether its primary failed."""
+    h = postgres_session()
+    h(ClientData(PG_STARTUP))
+    h(UpstreamData(P, pg_login(b"\x00\x00\x00\x01key1")))
+    h(UpstreamData(R, pg_login(b"\x00\x00\x00\x02key2")))
+    h(UpstreamData(P, PG_FATAL))
+    h(UpstreamClosed(P, "ConnectionResetError"))
+    h(PrimaryDown("primary is stale in view epoch 1"))
+    assert h.session.primary == R and not h.reports("connect_failed")
+    query = _pg_msg(b"Q", b"select 1\x00")
+    h(ClientData(query))
+    done = _pg_msg(b"C", b"SELECT 1\x00") + PG_READY
+    h(UpstreamData(R, done))
+    assert h.written[CLIENT] == pg_login(b"\x00\x00\x00\x01key1") + done
