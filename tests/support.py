@@ -606,3 +606,164 @@ def wait_until(what: str, check: Any, timeout: float = WAIT, every: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what} (last: {value!r})")
         time.sleep(every)
+
+
+# ------------------------------------------------------------------ other servers
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program (initdb, postgres): Debian keeps them off PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if found:
+        return str(found[-1])
+    return require_binary(name)
+
+
+def _as_postgres() -> list[str]:
+    """PostgreSQL refuses to run as root: run it as the postgres user then."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", "--"]
+
+
+@contextlib.contextmanager
+def postgres(name: str = "postgres", *, hba: str = "") -> Iterator[tuple[Proc, int]]:
+    """A throwaway PostgreSQL server on a free loopback port, trust logins for everyone
+    (``hba``: pg_hba.conf lines in place of that). Killed whole (postmaster and
+    backends) at the end: ``os.killpg(proc.pid, SIGKILL)`` is what a crash looks like."""
+    initdb = _postgres_bin("initdb")
+    server = _postgres_bin("postgres")
+    top = Path(tempfile.mkdtemp(prefix=f"rp-{name}-"))
+    data = top / "data"
+    if os.geteuid() == 0:
+        shutil.chown(top, "postgres", "postgres")
+    try:
+        subprocess.run(
+            [*_as_postgres(), initdb, "-D", str(data), "-A", "trust", "-U", "postgres",
+             "--no-sync", "--no-instructions"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        if hba:
+            (data / "pg_hba.conf").write_text(hba + "\n")
+        for _attempt in range(5):
+            port = free_port()
+            args = [*_as_postgres(), server, "-D", str(data), "-p", str(port), "-k", str(top),
+                    "-c", f"listen_addresses={HOST}", "-c", "fsync=off",
+                    "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]  # fmt: skip
+            proc = Proc(args, name=f"{name}:{port}")
+            try:
+                m = proc.wait_for(r"ready to accept connections|could not bind|already in use")
+                if "ready" in m[0]:
+                    yield proc, port
+                    return
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.stop()
+        raise AssertionError("could not start postgres on a free port")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def psql(port: int, sql: str, *, user: str = "postgres", db: str = "postgres") -> str:
+    """``psql -c SQL`` (tuples only, unaligned) against 127.0.0.1:PORT; its output."""
+    binary = require_binary("psql")
+    out = subprocess.run(
+        [binary, "-h", HOST, "-p", str(port), "-U", user, "-d", db, "-XAtq", "-c", sql],
+        capture_output=True, text=True, timeout=WAIT, env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
+    )  # fmt: skip
+    assert out.returncode == 0, f"psql {sql!r}: {out.stderr}"
+    return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def memcached(name: str = "memcached") -> Iterator[tuple[Proc, int]]:
+    """A memcached on a free loopback port (text protocol, 64 MB)."""
+    binary = require_binary("memcached")
+    for _attempt in range(5):
+        port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        with running(
+            [binary, "-l", HOST, "-p", str(port), "-U", "0", "-m", "64", "-vv", *user],
+            name=f"{name}:{port}",
+        ) as p:
+            # (-vv: it says so once it listens; a taken port ends it)
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline and p.popen.poll() is None:
+                with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
+                    yield p, port
+                    return
+                time.sleep(0.02)
+    raise AssertionError("could not start memcached on a free port")
+
+
+@contextlib.contextmanager
+def nginx(
+    name: str = "nginx", *, extra: str = "", clock: str = ""
+) -> Iterator[tuple[Proc, int, Path]]:
+    """An nginx on a free loopback port serving (and storing, by WebDAV PUT and DELETE)
+    files in a directory of its own; yields it, the port and the directory. Killed
+    whole (master and workers) at the end. ``clock`` (libfaketime's FAKETIME, e.g.
+    "-1h") sets its clock apart: its Date header then always differs."""
+    binary = _nginx_bin()
+    env = None
+    if clock:
+        preload = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+        if not preload.exists():
+            require_binary("faketime")  # (skips, or fails in CI, where it is installed)
+        env = {**os.environ, "LD_PRELOAD": str(preload), "FAKETIME": clock}
+    top = Path(tempfile.mkdtemp(prefix=f"rp-{name}-"))
+    root = top / "files"
+    root.mkdir()
+    (top / "body").mkdir()
+    if os.geteuid() == 0:  # (its workers run as nobody: they write here)
+        top.chmod(0o755)
+        shutil.chown(root, "nobody")
+        shutil.chown(top / "body", "nobody")
+    try:
+        for _attempt in range(5):
+            port = free_port()
+            conf = top / "nginx.conf"
+            user = "user nobody nogroup;" if os.geteuid() == 0 else ""
+            conf.write_text(
+                f"""{user}
+daemon off; master_process on; worker_processes 1; pid {top}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {top}/body;
+    server {{
+        listen {HOST}:{port};
+        root {root};
+        keepalive_requests 100000;
+        location / {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            client_max_body_size 16m;
+            {extra}
+        }}
+    }}
+}}
+"""
+            )
+            p = Proc([binary, "-c", str(conf), "-e", "stderr"], name=f"{name}:{port}", env=env)
+            try:
+                m = p.wait_for(r"start worker process|bind\(\) to .* failed|emerg")
+                if "start worker" in m[0]:
+                    yield p, port, root
+                    return
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.stop()
+        raise AssertionError("could not start nginx on a free port")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _nginx_bin() -> str:
+    path = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    return path or require_binary("nginx")
