@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,58 @@ def test_plaintext_garbage_and_old_versions_on_the_tls_port_are_closed_and_count
             assert_no_crash(px.proc)
             print(f"MEASURED plaintext/garbage on the TLS port: {len(sent)} closed, slowest "
                   f"after {max(closed_after) * 1000:.1f} ms; counted by reason")  # fmt: skip
+
+
+def test_a_flood_of_plaintext_on_the_tls_port_leaves_tls_clients_served(
+    tmp_path: Path,
+) -> None:
+    """1000 connections that send plaintext or garbage, 20 at a time, while redis-benchmark
+    runs over TLS: the benchmark sees no error, each bad connection is counted, and the
+    log says so in a few rate-limited lines, not a thousand."""
+    benchmark = require_binary("redis-benchmark")
+    certs = make_certs(tmp_path / "certs")
+    with redis(tmp_path, "primary") as (_, pport):
+        config = config_text(
+            tmp_path, [("primary", pport, "primary")], extra=client_tls(certs.server)
+        )
+        with run_proxy(config) as px:
+            bench = subprocess.Popen(
+                [benchmark, "-h", HOST, "-p", str(px.port), "--tls", "--cacert",
+                 str(certs.ca), "-t", "set,get", "-n", "20000", "-c", "20", "-q"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+
+                def bad(i: int) -> None:
+                    with socket.create_connection((HOST, px.port), timeout=WAIT) as s:
+                        # (Garbage of 5 bytes or more: fewer are not yet a TLS record
+                        # header, and the proxy waits for the rest, up to its timeout.)
+                        garbage = (b"\x00\x00" + bytes(range(256)))[: 5 + i % 64]
+                        s.sendall(b"PING\r\n" if i % 2 else garbage)
+                        with contextlib.suppress(ConnectionResetError):
+                            while s.recv(4096):
+                                pass
+
+                began = time.monotonic()
+                with ThreadPoolExecutor(20) as pool:
+                    list(pool.map(bad, range(1000)))
+                flood = time.monotonic() - began
+                out, err = bench.communicate(timeout=120)
+            finally:
+                bench.kill()
+                bench.wait()
+            assert bench.returncode == 0, err
+            wait_until(
+                "1000 counted",
+                lambda: metric(px.admin, f'{FAILURES}{{reason="not_tls"}}') == 1000,
+            )
+            lines = px.proc.count(r"failed \(not_tls\)")
+            assert 1 <= lines <= 10, lines
+            assert_no_crash(px.proc)
+            rps = re.findall(r"([\d.]+) requests per second", out.replace("\r", "\n"))
+            print(f"MEASURED 1000 plaintext/garbage connections to the TLS port in {flood:.2f} s "
+                  f"beside redis-benchmark --tls (exit 0, {' / '.join(rps)} req/s); "
+                  f"{lines} log lines")  # fmt: skip
 
 
 def test_mutual_tls_refuses_clients_without_a_trusted_certificate(tmp_path: Path) -> None:

@@ -288,6 +288,34 @@ def test_the_listener_names_each_failed_handshake_on_either_loop(
     assert all(peer.startswith("127.0.0.1:") for _, peer in failures)
 
 
+def test_a_client_that_never_finishes_its_handshake_is_timed_out(certs: Certs) -> None:
+    async def silent() -> list[str]:
+        loop = asyncio.get_running_loop()
+        failures: list[str] = []
+        ended = asyncio.Event()
+
+        def failed(exc: BaseException, peer: str) -> None:
+            failures.append(handshake_failure(exc))
+            ended.set()
+
+        context = server_context(str(certs.server.cert), str(certs.server.key))
+        factory = TlsListener(context, asyncio.Protocol, failed, timeout=0.2)
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(5):
+                await ended.wait()
+                with contextlib.suppress(ConnectionResetError):
+                    assert await r.read() == b""
+            w.close()
+        finally:
+            server.close()
+        return failures
+
+    assert uvloop.run(silent()) == ["timeout"]
+
+
 async def test_the_listener_turns_clients_away_before_their_handshake(certs: Certs) -> None:
     loop = asyncio.get_running_loop()
     factory = TlsListener(
