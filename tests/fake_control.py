@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -241,8 +242,11 @@ class FakeControl:
 
 
 @contextmanager
-def serve_in_thread(control: Control, token: str = "") -> Iterator[str]:
-    """Serve ``control``'s admin API on 127.0.0.1, a free port, from a background thread.
+def serve_in_thread(
+    control: Control, token: str = "", tls: ssl.SSLContext | None = None
+) -> Iterator[str]:
+    """Serve ``control``'s admin API on 127.0.0.1, a free port, from a background thread
+    (over HTTPS with ``tls``).
 
     Yields ``HOST:PORT``. A thread of its own, because the clients that use it (``ctl``'s
     urllib calls, a browser driven by Playwright's sync API) block: run on the test's event
@@ -251,7 +255,7 @@ def serve_in_thread(control: Control, token: str = "") -> Iterator[str]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="admin-api", daemon=True)
     thread.start()
-    server = AdminServer(control, Address("127.0.0.1", 0), token=token)
+    server = AdminServer(control, Address("127.0.0.1", 0), token=token, tls=tls)
     try:
         address = asyncio.run_coroutine_threadsafe(server.start(), loop).result(WAIT)
         yield str(address)

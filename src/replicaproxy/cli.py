@@ -151,6 +151,19 @@ def cli() -> None:
     "other proxies.",
 )
 @click.option(
+    "--tls-cert",
+    cls=Once,
+    metavar="FILE",
+    help="Clients speak TLS: the proxy's certificate (PEM, chain after it); replaces "
+    "proxy.tls_cert.",
+)
+@click.option(
+    "--tls-key",
+    cls=Once,
+    metavar="FILE",
+    help="The key of --tls-cert (when it is not in that file); replaces proxy.tls_key.",
+)
+@click.option(
     "--reset-state",
     is_flag=True,
     help="Ignore the state file's view: the config's primary, every replica in sync.",
@@ -168,6 +181,8 @@ def run(
     admin: str | None,
     state_file: str | None,
     view_store: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     reset_state: bool,
     log_level: str,
     log_format: str,
@@ -189,6 +204,8 @@ def run(
         state_file=state_file,
         protocol=protocol,
         view_store=view_store,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     try:
         config = build_config(config_path, overrides)
@@ -229,9 +246,10 @@ def check(file: str) -> None:
         config = load_config(file)
     except ConfigError as exc:
         _fail(str(exc))
-    names = ", ".join(f"{b.name} ({b.role})" for b in config.backends)
+    names = ", ".join(f"{b.name} ({b.role}{', TLS' if b.tls else ''})" for b in config.backends)
+    tls = " (TLS)" if config.proxy.tls_cert else ""
     click.echo(
-        f"{file}: ok: listen {config.proxy.listen}, {config.proxy.mode} mode, "
+        f"{file}: ok: listen {config.proxy.listen}{tls}, {config.proxy.mode} mode, "
         f"protocol {config.proxy.protocol}, {names}"
     )
 

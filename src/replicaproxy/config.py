@@ -8,11 +8,15 @@ is plain frozen data that the server and its parts only read. Every mistake is a
 
 File layout (every table and key optional; the result needs exactly one primary)::
 
-    [proxy]       listen, mode, state_file or view_store (and its keys), timeouts, limits
-    [admin]       listen, token (no [admin] table: the admin API is off)
+    [proxy]       listen, mode, state_file or view_store (and its keys), timeouts, limits,
+                  tls_* (TLS for clients)
+    [admin]       listen, token, tls_cert, tls_key (no [admin] table: the admin API is off)
     [health]      interval, timeout, fall, rise, send, expect
     [protocol.resp]  ignore, unordered, exact, server_tips (rules for protocol = "resp")
-    [[backend]]   name, address, role, sample (one table per backend)
+    [[backend]]   name, address, role, sample, tls and tls_* (one table per backend)
+
+TLS files are read at load: a missing one, a key that is not its certificate's, a CA
+file without certificates are errors naming the key (see tls.py).
 
 Backends in messages are ``backend 'NAME'`` once their name is known, otherwise
 ``backend[N]`` with N counted from 1 in file order.
@@ -31,6 +35,15 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
+
+from replicaproxy.tls import (
+    TLS_VERSIONS,
+    FileRole,
+    TlsFileError,
+    TlsVersion,
+    client_context,
+    server_context,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -108,6 +121,20 @@ class BackendConfig:
     role: Role
     # Shadows only: the fraction of sessions mirrored to it, 0.0..1.0.
     sample: float = 1.0
+    # TLS to this backend (health checks and the proxy's other connections to it too).
+    tls: bool = False
+    # CA certificates its certificate is checked against; empty: the system's.
+    tls_ca: str = ""
+    # The name sent (SNI) and checked in its certificate; empty: the address's host.
+    tls_server_name: str = ""
+    # Mutual TLS: the certificate the proxy presents, and its key (empty: in tls_cert).
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def server_name(self) -> str:
+        """The name its certificate must carry (``tls_server_name`` or the address's host)."""
+        return self.tls_server_name or self.address.host
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +205,15 @@ class ProxyConfig:
     store_key_file: str = ""
     store_user: str = ""
     store_password: str = ""
+    # TLS for clients: the certificate (PEM, its chain after it) and its key (empty: the
+    # key is in tls_cert's file). Empty tls_cert: clients speak plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Clients must present a certificate signed by a CA in this file (mutual TLS).
+    tls_client_ca: str = ""
+    # TLS 1.2: RFC 8996 retired 1.0 and 1.1, and Mozilla's "intermediate" profile (for
+    # clients of the last five years or so) starts at 1.2.
+    tls_min_version: TlsVersion = "TLSv1.2"
 
     @property
     def store_url(self) -> str:
@@ -191,6 +227,9 @@ class AdminConfig:
 
     listen: Address | None = None
     token: str = ""
+    # HTTPS: the certificate and its key (empty: in tls_cert's file); empty: plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +330,8 @@ class Overrides:
     state_file: str | None = None
     protocol: str | None = None
     view_store: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 # The admin API listens on loopback unless told otherwise; 9901 is Envoy's admin port,
@@ -648,6 +689,93 @@ def _check_store(proxy: ProxyConfig, source: str) -> None:
         raise ConfigError(f"{source}: proxy.{key}: store_user and store_password go together")
 
 
+def _server_name(value: object, where: str) -> str:
+    """A name to check a backend's certificate against: a DNS name or an IP address."""
+    text = _string(value, where)
+    if text and not _HOSTNAME.fullmatch(text):
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: expected a host name or IP address, got {_show(value)}"
+            ) from None
+    return text
+
+
+def _tls_flag(value: str, flag: str) -> str:
+    """A file given by flag: a path (not empty) the proxy can read."""
+    return _readable(_path(value, flag), flag)
+
+
+def _tls_key_at_fault(role: FileRole, keys: Mapping[FileRole, str], key_file: str) -> str:
+    """The key to name for a TLS file error: a key missing from its own file is the
+    certificate file's fault when no key file was given (the key goes in it then)."""
+    if role == "key" and not key_file:
+        return keys["cert"]
+    return keys[role]
+
+
+def _check_backend_tls(entry: _Entry) -> None:
+    """A backend's tls_* keys: only with tls = true, and files that make a context."""
+    b = entry.backend
+    if not b.tls:
+        for key in _BACKEND_TLS_KEYS:
+            if key != "tls" and getattr(b, key):
+                raise ConfigError(f"{entry.key(key)}: only used with tls = true")
+        return
+    if b.tls_key and not b.tls_cert:
+        raise ConfigError(f"{entry.key('tls_key')}: needs tls_cert too (mutual TLS)")
+    try:
+        client_context(ca=b.tls_ca, cert=b.tls_cert, key=b.tls_key)
+    except TlsFileError as exc:
+        keys: dict[FileRole, str] = {"cert": "tls_cert", "key": "tls_key", "ca": "tls_ca"}
+        key = _tls_key_at_fault(exc.role, keys, b.tls_key)
+        raise ConfigError(f"{entry.key(key)}: {exc.message}") from None
+
+
+def _check_proxy_tls(draft: _Draft) -> None:
+    """``proxy.tls_*`` (or their flags): whole, and files that make a server context."""
+    p = draft.proxy
+
+    def where(key: str) -> str:
+        return draft.tls_flags.get(key) or f"{draft.source}: proxy.{key}"
+
+    if not p.tls_cert:
+        for key in ("tls_key", "tls_client_ca"):
+            if getattr(p, key):
+                raise ConfigError(
+                    f"{where(key)}: needs proxy.tls_cert (or --tls-cert): without a "
+                    "certificate clients speak plaintext"
+                )
+        return
+    try:
+        server_context(
+            p.tls_cert, p.tls_key, client_ca=p.tls_client_ca, min_version=p.tls_min_version
+        )
+    except TlsFileError as exc:
+        keys: dict[FileRole, str] = {"cert": "tls_cert", "key": "tls_key", "ca": "tls_client_ca"}
+        raise ConfigError(
+            f"{where(_tls_key_at_fault(exc.role, keys, p.tls_key))}: {exc.message}"
+        ) from None
+
+
+def _check_admin_tls(draft: _Draft) -> None:
+    """``admin.tls_*``: whole, and files that make a server context."""
+    a = draft.admin
+    where = f"{draft.source}: admin"
+    if not a.tls_cert:
+        if a.tls_key:
+            raise ConfigError(f"{where}.tls_key: needs admin.tls_cert")
+        return
+    try:
+        server_context(a.tls_cert, a.tls_key)
+    except TlsFileError as exc:
+        keys: dict[FileRole, str] = {"cert": "tls_cert", "key": "tls_key", "ca": "tls_cert"}
+        raise ConfigError(
+            f"{where}.{_tls_key_at_fault(exc.role, keys, a.tls_key)}: {exc.message}"
+        ) from None
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
     if host.lower() in ("localhost", "localhost."):
@@ -699,10 +827,16 @@ _PROXY_KEYS: dict[str, _Parser] = {
     "store_key_file": _readable,
     "store_user": _string,
     "store_password": _string,
+    "tls_cert": _readable,
+    "tls_key": _readable,
+    "tls_client_ca": _readable,
+    "tls_min_version": lambda v, w: _choice(v, w, TLS_VERSIONS),
 }
 _ADMIN_KEYS: dict[str, _Parser] = {
     "listen": lambda v, w: _address(v, w, allow_zero=True),
     "token": _string,
+    "tls_cert": _readable,
+    "tls_key": _readable,
 }
 _HEALTH_KEYS: dict[str, _Parser] = {
     "interval": lambda v, w: _duration(v, w, positive=True),
@@ -712,7 +846,14 @@ _HEALTH_KEYS: dict[str, _Parser] = {
     "send": _bytes,
     "expect": _bytes,
 }
-_BACKEND_KEYS = ("name", "address", "role", "sample")
+_BACKEND_TLS_KEYS: dict[str, _Parser] = {
+    "tls": _boolean,
+    "tls_ca": _readable,
+    "tls_server_name": _server_name,
+    "tls_cert": _readable,
+    "tls_key": _readable,
+}
+_BACKEND_KEYS = ("name", "address", "role", "sample", *_BACKEND_TLS_KEYS)
 _RESP_KEYS: dict[str, _Parser] = {
     "ignore": _commands,
     "unordered": _commands,
@@ -808,6 +949,7 @@ class _Draft:
     backends: list[_Entry] = field(default_factory=list)
     admin_from_flag: bool = False
     protocols: ProtocolConfig = ProtocolConfig()
+    tls_flags: dict[str, str] = field(default_factory=dict)  # proxy.tls_* key: the flag
 
 
 def _parse_backends(value: object, source: str) -> list[_Entry]:
@@ -843,10 +985,21 @@ def _parse_backends(value: object, source: str) -> list[_Entry]:
                     f"{where}.sample: only shadows are sampled, this backend's role is {role!r}"
                 )
             sample = _sample(item["sample"], f"{where}.sample")
+        tls = {
+            key: parse(item[key], f"{where}.{key}")
+            for key, parse in _BACKEND_TLS_KEYS.items()
+            if key in item
+        }
         backend = BackendConfig(
-            name=str(address) if name is None else name, address=address, role=role, sample=sample
+            name=str(address) if name is None else name,
+            address=address,
+            role=role,
+            sample=sample,
+            **tls,
         )
-        entries.append(_Entry(backend, where, index_where, ref, index_ref))
+        entry = _Entry(backend, where, index_where, ref, index_ref)
+        _check_backend_tls(entry)
+        entries.append(entry)
     return entries
 
 
@@ -939,6 +1092,8 @@ def _finish(draft: _Draft, missing_primary: str) -> Config:
         )
 
     _check_store(draft.proxy, source)
+    _check_proxy_tls(draft)
+    _check_admin_tls(draft)
 
     listen = draft.admin.listen
     if listen is not None and not is_loopback(listen.host) and not draft.admin.token.strip():
@@ -1040,6 +1195,12 @@ def _apply(draft: _Draft, overrides: Overrides) -> None:
         proxy = replace(proxy, protocol=protocol)
     if overrides.view_store is not None:
         proxy = replace(proxy, view_store=_view_store(overrides.view_store, "--view-store"))
+    if overrides.tls_cert is not None:
+        proxy = replace(proxy, tls_cert=_tls_flag(overrides.tls_cert, "--tls-cert"))
+        draft.tls_flags["tls_cert"] = "--tls-cert"
+    if overrides.tls_key is not None:
+        proxy = replace(proxy, tls_key=_tls_flag(overrides.tls_key, "--tls-key"))
+        draft.tls_flags["tls_key"] = "--tls-key"
     draft.proxy = proxy
     if overrides.admin is not None:
         admin_listen = parse_address(overrides.admin, where="--admin", allow_zero=True)

@@ -2,7 +2,8 @@
 
 Plain functions (``fetch_status``, ``fetch_events``, ``post``) do the HTTP with the standard
 library and raise ``CtlError`` with a one-line message; the ``ctl`` click group turns that
-into ``click.ClickException`` (exit code 1).
+into ``click.ClickException`` (exit code 1). With ``cacert`` (``--cacert FILE``) they speak
+HTTPS and trust the admin API's certificate if that file's CAs signed it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import ssl
 import sys
 import time
 import urllib.error
@@ -25,7 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from replicaproxy.config import ConfigError, load_config, parse_address, parse_view_store
+from replicaproxy.logutil import describe_error
 from replicaproxy.options import Once
+from replicaproxy.tls import TlsFileError, client_context
 
 __all__ = [
     "DEFAULT_ADMIN",
@@ -58,16 +62,18 @@ class CtlError(Exception):
     """The admin API could not be asked, or refused; the message is one line for the user."""
 
 
-def fetch_status(admin: str, token: str = "", timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(
+    admin: str, token: str = "", timeout: float = 5.0, *, cacert: str = ""
+) -> dict[str, Any]:
     """``GET /status`` from the admin API at ``admin`` (``HOST:PORT``)."""
-    return _request(admin, "GET", "/status", token, timeout)
+    return _request(admin, "GET", "/status", token, timeout, cacert)
 
 
 def fetch_events(
-    admin: str, since: int = 0, token: str = "", timeout: float = 5.0
+    admin: str, since: int = 0, token: str = "", timeout: float = 5.0, *, cacert: str = ""
 ) -> list[dict[str, Any]]:
     """``GET /events?since=N`` from the admin API: the events after id ``since``, oldest first."""
-    answer = _request(admin, "GET", f"/events?since={since}", token, timeout)
+    answer = _request(admin, "GET", f"/events?since={since}", token, timeout, cacert)
     events = answer.get("events")
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise CtlError(
@@ -77,27 +83,46 @@ def fetch_events(
     return events
 
 
-def post(admin: str, path: str, token: str = "", timeout: float = 5.0) -> dict[str, Any]:
+def post(
+    admin: str, path: str, token: str = "", timeout: float = 5.0, *, cacert: str = ""
+) -> dict[str, Any]:
     """``POST path`` (e.g. ``/backends/mv2/promote``) to the admin API; its JSON answer."""
-    return _request(admin, "POST", path, token, timeout)
+    return _request(admin, "POST", path, token, timeout, cacert)
 
 
-def _request(admin: str, method: str, path: str, token: str, timeout: float) -> dict[str, Any]:
+def _opener(cacert: str) -> urllib.request.OpenerDirector:
+    """Plain HTTP, or HTTPS trusting the CAs in ``cacert`` (and checking the address)."""
+    if not cacert:
+        return _OPENER
+    try:
+        context = client_context(ca=cacert)
+    except TlsFileError as exc:
+        raise CtlError(f"--cacert: {exc.message}") from None
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+
+
+def _request(
+    admin: str, method: str, path: str, token: str, timeout: float, cacert: str = ""
+) -> dict[str, Any]:
     try:
         where = str(parse_address(admin, where="--admin"))
     except ConfigError as exc:
         raise CtlError(str(exc)) from None
+    opener = _opener(cacert)
+    scheme = "https" if cacert else "http"
     headers = {"Accept": "application/json", "User-Agent": "replicaproxy-ctl"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        f"http://{where}{path}",
+        f"{scheme}://{where}{path}",
         method=method,
         headers=headers,
         data=b"" if method == "POST" else None,
     )
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             body: bytes = response.read()
             content_type = response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
@@ -106,14 +131,20 @@ def _request(admin: str, method: str, path: str, token: str, timeout: float) -> 
         reason = exc.reason
         if isinstance(reason, TimeoutError):
             raise CtlError(_timeout_message(where, timeout)) from None
+        if isinstance(reason, ssl.SSLError):
+            raise CtlError(_tls_message(where, reason)) from None
         text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
         raise CtlError(f"cannot reach the admin API at {where}: {text} ({_HINT})") from None
     except TimeoutError:
         raise CtlError(_timeout_message(where, timeout)) from None
+    except ssl.SSLError as exc:
+        raise CtlError(_tls_message(where, exc)) from None
     except (OSError, http.client.HTTPException) as exc:
         # The connection was made, then broke or carried something that is not HTTP.
         detail = str(exc) or type(exc).__name__
-        raise CtlError(f"bad answer from the admin API at {where}: {detail}") from None
+        # An HTTPS listener hangs up on plain HTTP without a word.
+        hint = "" if cacert else " (if it speaks HTTPS, give --cacert)"
+        raise CtlError(f"bad answer from the admin API at {where}: {detail}{hint}") from None
     answer = _json_object(body)
     if answer is None:
         raise CtlError(
@@ -141,6 +172,11 @@ def _http_error_message(where: str, exc: urllib.error.HTTPError) -> str:
     if isinstance(error, str) and error:
         return f"{error} (HTTP {exc.code})"
     return f"the admin API at {where} answered HTTP {exc.code} {exc.reason}"
+
+
+def _tls_message(where: str, exc: ssl.SSLError) -> str:
+    hint = " (is it plain HTTP? leave out --cacert)" if exc.reason == "WRONG_VERSION_NUMBER" else ""
+    return f"no TLS connection to the admin API at {where}: {describe_error(exc)}{hint}"
 
 
 def _timeout_message(where: str, timeout: float) -> str:
@@ -311,6 +347,7 @@ class _Target:
     token: str
     view_store: str = ""
     config: str = ""
+    cacert: str = ""
 
 
 _pass_target = click.make_pass_decorator(_Target)
@@ -353,11 +390,24 @@ _pass_target = click.make_pass_decorator(_Target)
     default="",
     help="A proxy config whose view_store and store_* keys (TLS, user) --view-store uses.",
 )
+@click.option(
+    "--cacert",
+    cls=Once,
+    metavar="FILE",
+    default="",
+    envvar="REPLICAPROXY_CACERT",
+    help="Speak HTTPS to the admin API ([admin] tls_cert), trusting the CA certificates in "
+    "FILE (env REPLICAPROXY_CACERT).",
+)
 @click.pass_context
-def ctl(ctx: click.Context, admin: str, token: str, view_store: str, config_path: str) -> None:
+def ctl(
+    ctx: click.Context, admin: str, token: str, view_store: str, config_path: str, cacert: str
+) -> None:
     """Ask a running proxy for its status and events, to promote or mark a backend in sync,
     to reload its config, or to drain. With --view-store: read or fill the shared view."""
-    ctx.obj = _Target(admin=admin, token=token, view_store=view_store, config=config_path)
+    ctx.obj = _Target(
+        admin=admin, token=token, view_store=view_store, config=config_path, cacert=cacert
+    )
 
 
 @ctl.command("status")
@@ -368,7 +418,7 @@ def status_command(target: _Target, as_json: bool) -> None:
     if target.view_store or target.config:
         status = _call(lambda: _store_status(target))
     else:
-        status = _call(lambda: fetch_status(target.admin, target.token))
+        status = _call(lambda: fetch_status(target.admin, target.token, cacert=target.cacert))
     if as_json:
         click.echo(json.dumps(status, indent=2))
         return
@@ -391,7 +441,9 @@ def status_command(target: _Target, as_json: bool) -> None:
 @_pass_target
 def events_command(target: _Target, since: int, as_json: bool) -> None:
     """List recent events (failovers, stale, health, reloads ...), oldest first."""
-    events = _call(lambda: {"events": fetch_events(target.admin, since, target.token)})["events"]
+    events = _call(
+        lambda: {"events": fetch_events(target.admin, since, target.token, cacert=target.cacert)}
+    )["events"]
     if as_json:
         click.echo(json.dumps(events, indent=2))
         return
@@ -406,7 +458,7 @@ def events_command(target: _Target, since: int, as_json: bool) -> None:
 @_pass_target
 def reload_command(target: _Target) -> None:
     """Re-read the proxy's config file (as SIGHUP does); a rejected config changes nothing."""
-    answer = _call(lambda: post(target.admin, "/reload", target.token))
+    answer = _call(lambda: post(target.admin, "/reload", target.token, cacert=target.cacert))
     changes = answer.get("changes")
     listed = [str(c) for c in changes] if isinstance(changes, list) else []
     click.echo("reloaded: " + ("; ".join(listed) if listed else "nothing changed"))
@@ -416,7 +468,7 @@ def reload_command(target: _Target) -> None:
 @_pass_target
 def drain_command(target: _Target) -> None:
     """Stop accepting sessions; the proxy exits once the open ones have ended."""
-    answer = _call(lambda: post(target.admin, "/drain", target.token))
+    answer = _call(lambda: post(target.admin, "/drain", target.token, cacert=target.cacert))
     click.echo(
         f"draining: {answer.get('sessions', '?')} sessions open; "
         "the proxy exits when they have ended"
@@ -428,7 +480,11 @@ def drain_command(target: _Target) -> None:
 @_pass_target
 def promote_command(target: _Target, name: str) -> None:
     """Make the in-sync replica NAME the primary (planned switchover)."""
-    status = _call(lambda: post(target.admin, _backend_path(name, "promote"), target.token))
+    status = _call(
+        lambda: post(
+            target.admin, _backend_path(name, "promote"), target.token, cacert=target.cacert
+        )
+    )
     click.echo(f"promoted {name}: epoch {status.get('epoch')}, primary {status.get('primary')}")
 
 
@@ -437,7 +493,11 @@ def promote_command(target: _Target, name: str) -> None:
 @_pass_target
 def mark_synced_command(target: _Target, name: str) -> None:
     """Declare that NAME holds the primary's data again (after copying it over)."""
-    status = _call(lambda: post(target.admin, _backend_path(name, "mark-synced"), target.token))
+    status = _call(
+        lambda: post(
+            target.admin, _backend_path(name, "mark-synced"), target.token, cacert=target.cacert
+        )
+    )
     click.echo(f"{name} marked in sync: epoch {status.get('epoch')}")
 
 

@@ -1,4 +1,5 @@
-"""Active health checks: a TCP connect, optionally a probe and its expected answer.
+"""Active health checks: a TCP connect (a TLS handshake too for a backend with ``tls``),
+optionally a probe and its expected answer.
 
 Each backend is checked every ``interval``; ``fall`` failures in a row mark it
 down, ``rise`` successes in a row mark it up (HAProxy's terms). The counting is
@@ -15,6 +16,7 @@ from typing import Literal
 
 from replicaproxy.config import Address, HealthConfig
 from replicaproxy.logutil import LOCAL_ERRNOS, describe_error
+from replicaproxy.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,22 @@ class HealthState:
 Judge = Callable[[bytes], bool | str]
 
 
-async def probe(address: Address, config: HealthConfig, judge: Judge | None = None) -> str | None:
+async def probe(
+    address: Address,
+    config: HealthConfig,
+    tls: ClientTls | None = None,
+    judge: Judge | None = None,
+) -> str | None:
     """Check ``address`` once; return None when healthy, else why not.
 
+    With ``tls``, the check is a TLS handshake (a certificate that fails verification
+    fails the check, with OpenSSL's reason) and ``send``/``expect`` go through it.
     ``judge``, where given, reads the answer to ``send`` in place of ``expect``.
     """
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(config.timeout):
-            reader, writer = await asyncio.open_connection(address.host, address.port)
+            reader, writer = await open_connection(address, tls)
             if config.send:
                 writer.write(config.send)
                 await writer.drain()
@@ -102,10 +111,33 @@ async def probe(address: Address, config: HealthConfig, judge: Judge | None = No
         return describe_error(exc)
     finally:
         if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            await close(writer, config.timeout)
     return None
+
+
+async def open_connection(
+    address: Address, tls: ClientTls | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to ``address``, over TLS when ``tls`` says so (the caller bounds the time)."""
+    if tls is None:
+        return await asyncio.open_connection(address.host, address.port)
+    return await asyncio.open_connection(
+        address.host, address.port, ssl=tls.context, server_hostname=tls.server_name
+    )
+
+
+async def close(writer: asyncio.StreamWriter, within: float) -> None:
+    """Close a stream, waiting at most ``within`` seconds for it to end.
+
+    Over TLS, closing waits for the peer's answer to our close_notify (asyncio gives it
+    30 s): a hung backend must not hold a health check up that long.
+    """
+    writer.close()
+    try:
+        async with asyncio.timeout(within):
+            await writer.wait_closed()
+    except (OSError, TimeoutError):
+        writer.transport.abort()
 
 
 class HealthChecker:
@@ -116,9 +148,11 @@ class HealthChecker:
         config: HealthConfig,
         backends: Mapping[str, Address],
         on_change: Callable[[str, Health, str], None],
+        tls_of: Callable[[str], ClientTls | None] = lambda name: None,
     ) -> None:
         self.config = config
         self.addresses = dict(backends)
+        self._tls_of = tls_of
         self.states = {name: HealthState(config.fall, config.rise) for name in backends}
         self._on_change = on_change
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,7 +197,7 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            error = await probe(address, self.config)
+            error = await probe(address, self.config, self._tls_of(name))
             if error != LOCAL_FAILURE:  # this machine's shortage counts neither way
                 self._record(name, state, error)
             # Checks start `interval` apart, however long each took.

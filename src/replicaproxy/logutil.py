@@ -8,9 +8,12 @@ import logging
 import logging.handlers
 import os
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable
+
+from replicaproxy.tls import ssl_message
 
 #: Log records waiting for the writer thread; past this, new ones are dropped.
 LOG_QUEUE = 10_000
@@ -185,8 +188,12 @@ def describe_error(exc: BaseException) -> str:
     """A short, stable description of an I/O error: ``Connection refused``, not a repr.
 
     asyncio wraps connect errors as ``OSError(errno, "Connect call failed ...")``;
-    the errno says what happened, so it wins over the message.
+    the errno says what happened, so it wins over the message. A TLS error's errno is
+    OpenSSL's, not the system's: its own words say what happened (``certificate verify
+    failed: self-signed certificate``).
     """
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {ssl_message(exc)}"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     text = str(exc)

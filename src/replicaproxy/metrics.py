@@ -45,6 +45,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tls_handshake_failures = Counter(
+            "replicaproxy_tls_handshake_failures",
+            "Client connections closed because their TLS handshake failed, by reason "
+            "(not_tls, version, no_client_cert, bad_client_cert, cert_refused, timeout, "
+            "closed, other)",
+            ["reason"],
+            registry=r,
+        )
         self.divergences = Counter(
             "replicaproxy_divergences",
             "Sessions in which a backend's output differed from the primary's",

@@ -11,7 +11,6 @@ and, for ``resp``, what the primary itself says about its commands (Redis 7's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -22,14 +21,18 @@ from replicaproxy.core.http import HttpFraming
 from replicaproxy.core.memcached import McFraming
 from replicaproxy.core.postgres import PgFraming
 from replicaproxy.core.resp import RespFraming, RespParser, RespRules, tips_from_command
-from replicaproxy.health import Judge
+from replicaproxy.health import Judge, close, open_connection
 from replicaproxy.logutil import describe_error
+from replicaproxy.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
 #: A COMMAND reply is about 90 KB from Redis 7.0 (240 commands); far more is not one.
 MAX_COMMAND_REPLY = 16 * 1024 * 1024
 _COMMAND = b"*1\r\n$7\r\nCOMMAND\r\n"
+#: Seconds to wait for the primary to end the COMMAND connection (over TLS, its answer
+#: to our close_notify); the reply is in by then, so this only bounds the goodbye.
+CLOSE_WAIT = 1.0
 
 
 class Protocols:
@@ -107,7 +110,9 @@ class Protocols:
     def wants_tips(self) -> bool:
         return self.protocol == "resp" and self.config.protocols.resp.server_tips
 
-    async def learn(self, name: str, address: Address, within: float) -> None:
+    async def learn(
+        self, name: str, address: Address, within: float, tls: ClientTls | None = None
+    ) -> None:
         """Read the rules ``name`` (the primary) gives its own commands, where it can say.
 
         A server that does not answer (Redis 6, a fork without tips, a password) leaves
@@ -117,7 +122,7 @@ class Protocols:
             return
         try:
             async with asyncio.timeout(within):
-                reply = await _ask_command(address)
+                reply = await _ask_command(address, tls)
             tips = tips_from_command(reply)
         except (TimeoutError, OSError, ValueError) as exc:
             why = (
@@ -162,9 +167,9 @@ class Protocols:
         return out
 
 
-async def _ask_command(address: Address) -> bytes:
-    """Send COMMAND to ``address`` and return its whole reply."""
-    reader, writer = await asyncio.open_connection(address.host, address.port)
+async def _ask_command(address: Address, tls: ClientTls | None = None) -> bytes:
+    """Send COMMAND to ``address`` (over TLS with ``tls``) and return its whole reply."""
+    reader, writer = await open_connection(address, tls)
     try:
         writer.write(_COMMAND)
         await writer.drain()
@@ -186,6 +191,4 @@ async def _ask_command(address: Address) -> bytes:
             raise ValueError(bytes(reply[1:-2]).decode(errors="replace"))
         return bytes(reply)
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await close(writer, CLOSE_WAIT)

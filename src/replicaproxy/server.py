@@ -20,6 +20,7 @@ import logging
 import random
 import signal
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
 from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
+from replicaproxy.io.handshake import TlsListener, quiet_tls_reports
 from replicaproxy.logutil import RateLimited, describe_error, one_line
 from replicaproxy.metrics import Metrics
 from replicaproxy.protocols import Protocols
@@ -54,6 +56,17 @@ from replicaproxy.store import (
     StoreOptions,
     ViewStore,
     open_store,
+)
+from replicaproxy.tls import (
+    CLOSED,
+    FAILURES,
+    ClientTls,
+    TlsFileError,
+    client_context,
+    handshake_failure,
+    reload_pair,
+    server_context,
+    ssl_message,
 )
 from replicaproxy.viewkeeper import Decision, ViewKeeper
 
@@ -119,6 +132,33 @@ def store_label(store: ViewStore) -> str:
     if store.kind == "file":
         return str(about["path"])
     return f"etcd {','.join(about['endpoints'])} {about['prefix']}/view"
+
+
+def _backend_tls(config: Config) -> dict[str, ClientTls]:
+    """TLS to each backend with ``tls = true``, from its files as they are now."""
+    return {
+        b.name: ClientTls(
+            client_context(ca=b.tls_ca, cert=b.tls_cert, key=b.tls_key), b.server_name
+        )
+        for b in config.backends
+        if b.tls
+    }
+
+
+def _client_tls(config: Config) -> ssl.SSLContext | None:
+    """The client listener's TLS context (``[proxy] tls_*``); None: plaintext."""
+    p = config.proxy
+    if not p.tls_cert:
+        return None
+    return server_context(
+        p.tls_cert, p.tls_key, client_ca=p.tls_client_ca, min_version=p.tls_min_version
+    )
+
+
+def _admin_tls(config: Config) -> ssl.SSLContext | None:
+    """The admin API's TLS context (``[admin] tls_*``); None: plain HTTP."""
+    a = config.admin
+    return server_context(a.tls_cert, a.tls_key) if a.tls_cert else None
 
 
 def _limits(config: Config) -> Limits:
@@ -223,6 +263,12 @@ class Server:
         self._learning: asyncio.Task[None] | None = None
         #: Sessions waiting to hear whether a backend is alive (CheckPrimary), by backend.
         self._alive_checks: dict[str, list[Callable[[bool, str], None]]] = {}
+        #: TLS to the backends that have it: built at start and at each reload.
+        self._backend_tls: dict[str, ClientTls] = {}
+        #: The client listener's handshakes ([proxy] tls_cert), from start.
+        self._tls: TlsListener | None = None
+        self._admin_tls: ssl.SSLContext | None = None
+        self._loud_tls: Callable[[], None] | None = None  # puts the loop's handler back
 
     @property
     def view(self) -> View:
@@ -246,6 +292,7 @@ class Server:
             self.config.health,
             {b.name: b.config.address for b in self.backends.values()},
             self._health_changed,
+            self.tls_of,
         )
 
     def _promotable(self) -> list[str]:
@@ -274,9 +321,25 @@ class Server:
         loop = asyncio.get_running_loop()
         listen = self.config.proxy.listen
         try:
+            # (Read at start as they are now: the config checked them a moment ago.)
+            self._backend_tls = _backend_tls(self.config)
+            client_tls = _client_tls(self.config)
+            self._admin_tls = _admin_tls(self.config)
+        except TlsFileError as exc:
+            raise StartError(f"TLS: {exc.message}") from None
+        # (Always: a reload may give a backend TLS, and the etcd store may speak it.)
+        self._loud_tls = quiet_tls_reports(loop)
+        if client_tls is not None:
+            self._tls = TlsListener(
+                client_tls,
+                lambda: ClientProtocol(self._accept),
+                self._handshake_failed,
+                admit=self._admit_handshake,
+            )
+        try:
             # Bound but not accepting until the view is read: the port names this proxy.
             self._listener = await loop.create_server(
-                lambda: ClientProtocol(self._accept),
+                self._client_protocols(),
                 listen.host,
                 listen.port,
                 reuse_address=True,
@@ -291,7 +354,9 @@ class Server:
             from replicaproxy.admin.app import AdminServer
 
             admin = self.config.admin.listen
-            self._admin = AdminServer(self, admin, token=self.config.admin.token)
+            self._admin = AdminServer(
+                self, admin, token=self.config.admin.token, tls=self._admin_tls
+            )
             try:
                 self.admin_bound = await self._admin.start()
             except OSError as exc:
@@ -321,8 +386,9 @@ class Server:
         self._learn_rules()
         await self._listener.start_serving()
         log.info(
-            "listening on %s (primary %s, %s mode, epoch %d, %s data path)",
+            "listening on %s (%sprimary %s, %s mode, epoch %d, %s data path)",
             self.bound,
+            "TLS, " if self._tls is not None else "",
             self.view.primary,
             self.config.proxy.mode,
             self.view.epoch,
@@ -523,7 +589,7 @@ class Server:
         assert self.bound is not None
         try:
             self._listener = await asyncio.get_running_loop().create_server(
-                lambda: ClientProtocol(self._accept),
+                self._client_protocols(),
                 self.bound.host,
                 self.bound.port,
                 reuse_address=True,
@@ -597,6 +663,9 @@ class Server:
         # start may trust them. Otherwise the run stays listed: an unclean stop.
         await self.keeper.stop(clean=self._running and not self.sessions)
         self._running = False
+        if self._loud_tls is not None:
+            self._loud_tls()
+            self._loud_tls = None
         if self.started.is_set():
             # (A start that failed says why in its own error, and nothing else.)
             log.info("stopped")
@@ -635,6 +704,49 @@ class Server:
             await self.reload()
 
     # -------------------------------------------------------------- sessions
+
+    def _client_protocols(self) -> Callable[[], asyncio.BaseProtocol]:
+        """The listener's protocol factory: a TLS handshake first when configured."""
+        if self._tls is not None:
+            return self._tls
+        return lambda: ClientProtocol(self._accept)
+
+    def _admit_handshake(self, handshakes: int) -> bool:
+        """Whether a client may begin a TLS handshake: within max_connections, counting
+        the handshakes under way (each holds a descriptor until it ends)."""
+        limit = self.config.proxy.max_connections
+        if len(self.sessions) + handshakes < limit:
+            return True
+        self.metrics.refused.labels("max_connections").inc()
+        self._ratelimit.log(
+            log,
+            logging.WARNING,
+            "max_connections",
+            "refused a client: max_connections (%d) reached (%d TLS handshakes under way)",
+            limit,
+            handshakes,
+        )
+        return False
+
+    def _handshake_failed(self, exc: BaseException, peer: str) -> None:
+        """A client's TLS handshake failed: the connection is closed; count it, say why."""
+        reason = handshake_failure(exc)
+        self.metrics.tls_handshake_failures.labels(reason).inc()
+        detail = FAILURES[reason]
+        if isinstance(exc, ssl.SSLError):
+            detail += f" ({ssl_message(exc)})"
+        if reason == CLOSED:  # a load balancer's TCP check looks like this: no line each
+            log.debug("TLS handshake with %s failed (%s): %s", peer, reason, detail)
+            return
+        self._ratelimit.log(
+            log,
+            logging.WARNING,
+            f"tls:{reason}",
+            "TLS handshake with %s failed (%s): %s",
+            peer,
+            reason,
+            detail,
+        )
 
     def _accept(self, transport: asyncio.Transport) -> SessionDriver | None:
         peer = transport.get_extra_info("peername")
@@ -712,6 +824,10 @@ class Server:
 
     def address_of(self, name: str) -> Address:
         return self._backend(name).config.address
+
+    def tls_of(self, name: str) -> ClientTls | None:
+        """How to speak TLS to ``name``; None: plaintext."""
+        return self._backend_tls.get(name)
 
     def connected(self, name: str, seconds: float) -> None:
         self.metrics.connect_time.labels(name).observe(seconds)
@@ -861,10 +977,12 @@ class Server:
             "sessions_total": self.sessions_total,
             "client_bytes": dict(self._client_bytes),
             "draining": self._draining,
+            "tls": self._tls is not None,
             "backends": [
                 {
                     "name": b.name,
                     "address": str(b.config.address),
+                    "tls": b.config.tls,
                     "role": self.role_of(b.name),
                     # A shadow is never promoted, so it is never stale either.
                     "state": "in_sync"
@@ -958,6 +1076,7 @@ class Server:
         ):  # fmt: skip
             if any(c.startswith(what + ":") for c in changes):
                 log.warning("reload: %s takes effect at the next restart", what)
+        tls = self._reload_tls(new)
 
         # The view: new replicas (and moved ones) start stale, removed ones leave it.
         def decide(view: View) -> View:
@@ -991,6 +1110,7 @@ class Server:
             self._learn_rules()
         if new.proxy.mode != old.proxy.mode or new.proxy.replica_flush != old.proxy.replica_flush:
             self._flusher = _flusher(new)  # for new sessions; live ones keep theirs
+        changes += tls()
         old_checker = self.health
         self.health = self._new_health_checker()
         for n, state in old_checker.states.items():
@@ -1001,6 +1121,49 @@ class Server:
             self.health.start()
         self._publish_view()
         return changes
+
+    def _reload_tls(self, new: Config) -> Callable[[], list[str]]:
+        """Read every TLS file of ``new`` again (a certificate renewed in place is new);
+        return what puts them in use, for when the rest of the reload is done.
+
+        Raises ControlError, using none of them, when one cannot be used. Whether the
+        client listener or the admin API speaks TLS at all is settled at start.
+        """
+        for section, now, live in (
+            ("proxy", new.proxy.tls_cert, self._tls is not None),
+            ("admin", new.admin.tls_cert, self._admin_tls is not None),
+        ):
+            if bool(now) != live:
+                log.warning(
+                    "reload: %s.tls_cert turns TLS %s at the next restart",
+                    section,
+                    "on" if now else "off",
+                )
+        try:
+            backends = _backend_tls(new)
+            client = _client_tls(new) if self._tls is not None else None
+            admin = _admin_tls(new) if self._admin_tls is not None else None
+        except TlsFileError as exc:
+            raise ControlError(400, f"TLS: {exc.message}") from None
+
+        def use() -> list[str]:
+            done = []
+            self._backend_tls = backends
+            if backends:
+                done.append(f"TLS files of {', '.join(backends)} re-read (new connections)")
+            if self._tls is not None and client is not None:
+                self._tls.context = client
+                done.append("TLS for clients: files re-read (new connections)")
+            if self._admin_tls is not None and admin is not None:
+                # aiohttp's listener keeps its context: the new pair goes into it.
+                try:
+                    reload_pair(self._admin_tls, new.admin.tls_cert, new.admin.tls_key)
+                    done.append("admin API TLS: files re-read")
+                except TlsFileError as exc:  # changed again since a moment ago
+                    log.error("reload: admin API TLS kept as it was: %s", exc.message)
+            return done
+
+        return use
 
     def _known(self, name: str) -> Backend:
         b = self.backends.get(name)
@@ -1107,10 +1270,11 @@ class Server:
             judge = self.protocols.judge()
         try:
             address = self._backend(name).config.address
-            error = await probe(address, check, judge)
+            tls = self.tls_of(name)
+            error = await probe(address, check, tls, judge)
             if error is None:
                 await asyncio.sleep(ALIVE_RECHECK)
-                error = await probe(address, check, judge)
+                error = await probe(address, check, tls, judge)
         except KeyError:
             pass
         finally:
@@ -1163,7 +1327,8 @@ class Server:
         address = self._backend(primary).config.address
         timeout = self.config.proxy.connect_timeout + self.config.health.timeout
         self._learning = asyncio.get_running_loop().create_task(
-            self.protocols.learn(primary, address, timeout), name="learn-rules"
+            self.protocols.learn(primary, address, timeout, self.tls_of(primary)),
+            name="learn-rules",
         )
 
     def session_finished(self, driver: SessionDriver, outcome: str) -> None:

@@ -195,6 +195,8 @@ RUN_OPTIONS = {
     "--mode",
     "--admin",
     "--state-file",
+    "--tls-cert",
+    "--tls-key",
     "--reset-state",
     "--log-level",
     "--log-format",
@@ -236,6 +238,9 @@ BAD_FLAGS = st.one_of(
     ),
     WORD.filter(lambda w: w not in ("text", "json")).map(lambda w: ["--log-format", w]),
     WORD.map(lambda w: ["--config", f"/nonexistent/{w}.toml"]),
+    st.tuples(st.sampled_from(["--tls-cert", "--tls-key"]), WORD).map(
+        lambda t: [t[0], f"/nonexistent/{t[1]}.pem"]
+    ),
     WORD.map(lambda w: [w]),  # a stray argument
 )
 

@@ -72,7 +72,10 @@ def test_example_file_shows_every_key() -> None:
     for table, cls in (("proxy", ProxyConfig), ("admin", AdminConfig), ("health", HealthConfig)):
         assert set(data[table]) == {f.name for f in dataclasses.fields(cls)}, table
     commented = EXAMPLE.read_text(encoding="utf-8")
-    for key in ("name", "address", "role", "sample"):
+    backend_keys = {"name", "address", "role", "sample"}
+    backend_keys |= {f"tls{rest}" for rest in ("", "_ca", "_server_name", "_cert", "_key")}
+    assert backend_keys == {f.name for f in dataclasses.fields(BackendConfig)}
+    for key in backend_keys:
         assert f"{key} = " in commented
 
 
@@ -401,7 +404,7 @@ def test_validation_errors_name_the_key(data: dict[str, Any], message: str) -> N
         ),
         (
             with_primary(admin={"zzz": 1}),
-            "config: admin.zzz: unknown key (known keys: listen, token)",
+            "config: admin.zzz: unknown key (known keys: listen, token, tls_cert, tls_key)",
         ),
         (
             with_primary(proxy={"a b": 1}),
@@ -634,9 +637,9 @@ VALUES = st.recursive(
 )
 KNOWN = {
     "proxy": [f.name for f in dataclasses.fields(ProxyConfig)],
-    "admin": ["listen", "token"],
+    "admin": [f.name for f in dataclasses.fields(AdminConfig)],
     "health": [f.name for f in dataclasses.fields(HealthConfig)],
-    "backend": ["name", "address", "role", "sample"],
+    "backend": [f.name for f in dataclasses.fields(BackendConfig)],
 }
 
 
@@ -864,3 +867,95 @@ def test_allow_list_parses_cidrs_and_names_a_bad_one() -> None:
 def test_a_backend_near_the_listen_address_is_fine(listen: str, backend: str) -> None:
     config = build_config(None, Overrides(listen=listen, primary=backend))
     assert str(config.backends[0].address) == backend
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from support import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def test_tls_keys_are_read_into_the_config(certs: Any) -> None:
+    cert, key, ca = str(certs.server.cert), str(certs.server.key), str(certs.ca)
+    config = config_from_dict(
+        {
+            "proxy": {"tls_cert": cert, "tls_key": key, "tls_client_ca": ca,
+                      "tls_min_version": "TLSv1.3"},
+            "admin": {"tls_cert": cert, "tls_key": key},
+            "backend": [{**PRIMARY, "tls": True, "tls_ca": ca, "tls_cert": str(certs.client.cert),
+                         "tls_key": str(certs.client.key)},
+                        {"address": "db.example.com:6380", "tls": True,
+                         "tls_server_name": "10.0.0.5"}],
+        }
+    )  # fmt: skip
+    assert (config.proxy.tls_cert, config.proxy.tls_min_version) == (cert, "TLSv1.3")
+    assert config.admin.tls_key == key
+    assert config.backends[0].tls and config.backends[0].server_name == "127.0.0.1"
+    assert config.backends[1].server_name == "10.0.0.5"
+    assert config.backends[1].tls_ca == ""  # the system's CAs
+
+
+def test_tls_mistakes_name_the_key(certs: Any) -> None:
+    cert, key, ca = str(certs.server.cert), str(certs.server.key), str(certs.ca)
+    cases: list[tuple[dict[str, Any], str]] = [
+        (with_primary(proxy={"tls_key": key}), "config: proxy.tls_key: needs proxy.tls_cert"),
+        (
+            with_primary(proxy={"tls_client_ca": ca}),
+            "config: proxy.tls_client_ca: needs proxy.tls_cert",
+        ),
+        (
+            with_primary(proxy={"tls_cert": cert}),
+            f"config: proxy.tls_cert: no private key in {cert!r}",
+        ),
+        (
+            with_primary(proxy={"tls_cert": cert, "tls_key": str(certs.other.key)}),
+            "config: proxy.tls_key: ",
+        ),
+        (with_primary(admin={"tls_key": key}), "config: admin.tls_key: needs admin.tls_cert"),
+        (
+            {"backend": [{**PRIMARY, "tls_ca": ca}]},
+            "config: backend 'a'.tls_ca: only used with tls = true",
+        ),
+        (
+            {"backend": [{**PRIMARY, "tls": True, "tls_key": key}]},
+            "config: backend 'a'.tls_key: needs tls_cert too",
+        ),
+        (
+            {"backend": [{**PRIMARY, "tls": True, "tls_server_name": "a b"}]},
+            "config: backend 'a'.tls_server_name: expected a host name or IP address",
+        ),
+        (
+            {"backend": [{**PRIMARY, "tls": True, "tls_ca": key}]},
+            f"config: backend 'a'.tls_ca: no PEM certificate in {key!r}",
+        ),
+        (
+            {"backend": [{**PRIMARY, "tls": True, "tls_ca": "/nonexistent/ca.pem"}]},
+            "config: backend 'a'.tls_ca: cannot read '/nonexistent/ca.pem'",
+        ),
+    ]
+    for data, message in cases:
+        assert error_of(data).startswith(message), (data, error_of(data))
+
+
+def test_tls_flags_replace_the_file_and_are_named_in_errors(certs: Any, tmp_path: Path) -> None:
+    cert, key = str(certs.server.cert), str(certs.server.key)
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[proxy]\ntls_cert = "{certs.other.cert}"\ntls_key = "{certs.other.key}"\n'
+        '[[backend]]\naddress = "127.0.0.1:1"\nrole = "primary"\n'
+    )
+    config = build_config(path, Overrides(tls_cert=cert, tls_key=key))
+    assert (config.proxy.tls_cert, config.proxy.tls_key) == (cert, key)
+    # The file's key with the flag's certificate: the file's key is named.
+    with pytest.raises(ConfigError, match=r"c\.toml: proxy\.tls_key: '.*other\.key' is not the"):
+        build_config(path, Overrides(tls_cert=cert))
+    with pytest.raises(ConfigError, match=r"^--tls-key: '.*other\.key' is not the key of"):
+        build_config(path, Overrides(tls_key=str(certs.other.key), tls_cert=cert))
+    with pytest.raises(ConfigError, match=r"^--tls-cert: cannot read '/nope'"):
+        build_config(None, Overrides(primary="127.0.0.1:1", tls_cert="/nope"))
+    with pytest.raises(ConfigError, match=r"^--tls-key: needs proxy\.tls_cert \(or --tls-cert\)"):
+        build_config(None, Overrides(primary="127.0.0.1:1", tls_key=key))

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -31,6 +32,7 @@ from replicaproxy.ctl import (
     post,
     render_status,
 )
+from replicaproxy.tls import server_context
 
 #: The bound on any single wait in these tests (server start/stop, a thread to finish).
 WAIT = 10.0
@@ -85,6 +87,7 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
         "TTY_COMPATIBLE": None,
         "REPLICAPROXY_ADMIN": None,
         "REPLICAPROXY_TOKEN": None,
+        "REPLICAPROXY_CACERT": None,
     }
     clean.update(env or {})
     return CliRunner(env=clean).invoke(ctl, list(args))
@@ -521,3 +524,56 @@ def test_no_answer_times_out() -> None:
     with one_answer(b"") as address, pytest.raises(CtlError) as caught:
         fetch_status(address, timeout=0.2)
     assert str(caught.value) == f"the admin API at {address} did not answer within 0.2s"
+
+
+# --------------------------------------------------------------------------- HTTPS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from support import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def https_admin(fake: FakeControl, certs: Any) -> Iterator[str]:
+    tls = server_context(str(certs.server.cert), str(certs.server.key))
+    with admin_api(fake, tls=tls) as address:
+        yield address
+
+
+def test_cacert_speaks_https_to_the_admin_api(https_admin: str, certs: Any) -> None:
+    result = invoke("--admin", https_admin, "--cacert", str(certs.ca), "status", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["primary"] == "mv1"
+    env = {"REPLICAPROXY_CACERT": str(certs.ca)}
+    assert invoke("--admin", https_admin, "reload", env=env).exit_code == 0
+    assert fetch_status(https_admin, cacert=str(certs.ca))["primary"] == "mv1"
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("other CA", "no TLS connection to the admin API at 127.0.0.1:{port}: TLS: "
+         "certificate verify failed: unable to get local issuer certificate"),
+        ("none", "bad answer from the admin API at 127.0.0.1:{port}: Remote end closed "
+         "connection without response (if it speaks HTTPS, give --cacert)"),
+        ("missing", "--cacert: cannot read '/nonexistent/ca.pem': No such file or directory"),
+    ],
+)  # fmt: skip
+def test_https_mistakes_exit_1_saying_what_to_do(
+    https_admin: str, certs: Any, which: str, message: str
+) -> None:
+    given = {"other CA": [str(certs.other_ca)], "none": [], "missing": ["/nonexistent/ca.pem"]}
+    flags = [f"--cacert={path}" for path in given[which]]
+    result = invoke("--admin", https_admin, *flags, "status")
+    assert result.exit_code == 1
+    port = https_admin.rsplit(":", 1)[1]
+    assert result.output == f"Error: {message.format(port=port)}\n"
+
+
+def test_cacert_to_a_plain_http_admin_api_says_so(admin: str, certs: Any) -> None:
+    result = invoke("--admin", admin, "--cacert", str(certs.ca), "status")
+    assert result.exit_code == 1
+    assert "TLS: wrong version number (is it plain HTTP? leave out --cacert)" in result.output

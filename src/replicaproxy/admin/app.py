@@ -29,6 +29,7 @@ import importlib.resources
 import inspect
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -109,11 +110,20 @@ def make_app(control: Control, *, token: str = "", loopback: bool = False) -> we
 
 
 class AdminServer:
-    """The admin API on a TCP listener, with a start/stop lifecycle."""
+    """The admin API on a TCP listener, with a start/stop lifecycle; HTTPS with ``tls``."""
 
-    def __init__(self, control: Control, listen: Address, *, token: str = "") -> None:
+    def __init__(
+        self,
+        control: Control,
+        listen: Address,
+        *,
+        token: str = "",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._app = make_app(control, token=token, loopback=is_loopback(listen.host))
         self._listen = listen
+        self._tls = tls
+        self._scheme = "https" if tls is not None else "http"
         self._runner: web.AppRunner | None = None
         #: The bound address once started (the real port when ``listen`` asked for port 0).
         self.address: Address | None = None
@@ -130,7 +140,9 @@ class AdminServer:
         runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._listen.host or None, self._listen.port)
+            site = web.TCPSite(
+                runner, self._listen.host or None, self._listen.port, ssl_context=self._tls
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -139,7 +151,7 @@ class AdminServer:
         # One socket per resolved address (e.g. "localhost" may give 127.0.0.1 and ::1).
         bound = [Address(sockname[0], sockname[1]) for sockname in runner.addresses]
         self.address = bound[0]
-        log.info("admin API on %s", ", ".join(f"http://{addr}" for addr in bound))
+        log.info("admin API on %s", ", ".join(f"{self._scheme}://{addr}" for addr in bound))
         return self.address
 
     async def stop(self) -> None:
@@ -148,7 +160,7 @@ class AdminServer:
         if runner is None:
             return
         await runner.cleanup()
-        log.info("admin API on http://%s stopped", self.address)
+        log.info("admin API on %s://%s stopped", self._scheme, self.address)
 
 
 class _Api:

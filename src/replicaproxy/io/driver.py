@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,6 +58,7 @@ from replicaproxy.core.events import (
 )
 from replicaproxy.core.session import Session
 from replicaproxy.logutil import LOCAL_ERRNOS, describe_error
+from replicaproxy.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class SessionHost(Protocol):
     """What a session's driver needs from the server that runs it."""
 
     def address_of(self, name: str) -> Address: ...
+    def tls_of(self, name: str) -> ClientTls | None: ...
     def write_limit(self, name: str) -> int | None: ...
     def connected(self, name: str, seconds: float) -> None: ...
     def mark_stale(self, name: str, reason: str, sid: int) -> None: ...
@@ -515,18 +518,30 @@ class SessionDriver:
 
         A backend restarting, or a full accept queue, refuses for a moment; a
         dead one keeps refusing. Three tries 50 and 100 ms apart tell them apart
-        without delaying a failover by more than that.
+        without delaying a failover by more than that. A backend with TLS is connected
+        when its handshake is done, within the same connect_timeout; a failed handshake
+        (a certificate that fails verification) is not retried: it would fail again.
         """
         address = self.host.address_of(name)
+        tls = self.host.tls_of(name)
         began = self.loop.time()
         deadline = began + self._connect_timeout
         delay = 0.05
         for attempt in range(1, CONNECT_TRIES + 1):
             try:
                 async with asyncio.timeout_at(deadline):
-                    transport, _ = await self.loop.create_connection(
-                        lambda: UpstreamProtocol(self, name), address.host, address.port
-                    )
+                    if tls is None:
+                        transport, _ = await self.loop.create_connection(
+                            lambda: UpstreamProtocol(self, name), address.host, address.port
+                        )
+                    else:
+                        transport, _ = await self.loop.create_connection(
+                            lambda: UpstreamProtocol(self, name),
+                            address.host,
+                            address.port,
+                            ssl=tls.context,
+                            server_hostname=tls.server_name,
+                        )
                 break
             except TimeoutError:
                 reason = f"no answer within {self._connect_timeout} s"
@@ -535,7 +550,11 @@ class SessionDriver:
                 if exc.errno in LOCAL_ERRNOS:
                     self.feed(UpstreamConnectFailed(name, reason, local=True))
                     return
-                if attempt < CONNECT_TRIES and self.loop.time() + delay < deadline:
+                if (
+                    not isinstance(exc, ssl.SSLError)
+                    and attempt < CONNECT_TRIES
+                    and self.loop.time() + delay < deadline
+                ):
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
@@ -601,14 +620,25 @@ class SessionDriver:
         self._transports[name] = transport
 
 
+def _half_close(transport: asyncio.BaseTransport) -> bool:
+    """Whether a connection stays open, half-closed, after the peer's end of input.
+
+    Not over TLS: asyncio's TLS (uvloop's too) ends the whole connection at the peer's
+    close_notify whatever the protocol answers, and warns when told to keep it open.
+    """
+    return transport.get_extra_info("sslcontext") is None
+
+
 class ClientProtocol(asyncio.Protocol):
     """The client side of a session. ``on_made`` builds the session's driver."""
 
     def __init__(self, on_made: Callable[[asyncio.Transport], SessionDriver | None]) -> None:
         self._on_made = on_made
         self.driver: SessionDriver | None = None
+        self._keep_open = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._keep_open = _half_close(transport)
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.driver = self._on_made(cast(asyncio.Transport, transport))
 
@@ -623,7 +653,7 @@ class ClientProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.driver is not None:
             self.driver.feed(ClientEof())
-        return True  # keep the connection half-open: the client may still read
+        return self._keep_open  # keep the connection half-open: the client may still read
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.driver is not None:
@@ -641,13 +671,15 @@ class ClientProtocol(asyncio.Protocol):
 class UpstreamProtocol(asyncio.Protocol):
     """One upstream connection of a session."""
 
-    __slots__ = ("driver", "name")
+    __slots__ = ("_keep_open", "driver", "name")
 
     def __init__(self, driver: SessionDriver, name: str) -> None:
         self.driver = driver
         self.name = name
+        self._keep_open = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._keep_open = _half_close(transport)
         self.driver.attach(self.name, cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
@@ -655,7 +687,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.driver.feed(UpstreamEof(self.name))
-        return True  # we may still have input to send it
+        return self._keep_open  # we may still have input to send it
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.driver.feed(UpstreamClosed(self.name, _describe(exc)))
