@@ -746,10 +746,13 @@ def _as_postgres() -> list[str]:
 
 
 @contextlib.contextmanager
-def postgres(name: str = "postgres", *, hba: str = "") -> Iterator[tuple[Proc, int]]:
+def postgres(
+    name: str = "postgres", *, hba: str = "", tls: Pair | None = None
+) -> Iterator[tuple[Proc, int]]:
     """A throwaway PostgreSQL server on a free loopback port, trust logins for everyone
-    (``hba``: pg_hba.conf lines in place of that). Killed whole (postmaster and
-    backends) at the end: ``os.killpg(proc.pid, SIGKILL)`` is what a crash looks like."""
+    (``hba``: pg_hba.conf lines in place of that); with ``tls``, ``ssl = on`` with that
+    certificate. Killed whole (postmaster and backends) at the end:
+    ``os.killpg(proc.pid, SIGKILL)`` is what a crash looks like."""
     initdb = _postgres_bin("initdb")
     server = _postgres_bin("postgres")
     top = Path(tempfile.mkdtemp(prefix=f"rp-{name}-"))
@@ -764,11 +767,22 @@ def postgres(name: str = "postgres", *, hba: str = "") -> Iterator[tuple[Proc, i
         )  # fmt: skip
         if hba:
             (data / "pg_hba.conf").write_text(hba + "\n")
+        options: list[str] = []
+        if tls is not None:
+            # Its key must be its own and private, or it refuses to start.
+            for source, target in ((tls.cert, top / "server.pem"), (tls.key, top / "server.key")):
+                shutil.copyfile(source, target)
+                target.chmod(0o600)
+                if os.geteuid() == 0:
+                    shutil.chown(target, "postgres", "postgres")
+            options = ["-c", "ssl=on", "-c", f"ssl_cert_file={top / 'server.pem'}",
+                       "-c", f"ssl_key_file={top / 'server.key'}"]  # fmt: skip
         for _attempt in range(5):
             port = free_port()
             args = [*_as_postgres(), server, "-D", str(data), "-p", str(port), "-k", str(top),
                     "-c", f"listen_addresses={HOST}", "-c", "fsync=off",
-                    "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]  # fmt: skip
+                    "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                    *options]  # fmt: skip
             proc = Proc(args, name=f"{name}:{port}")
             try:
                 m = proc.wait_for(r"ready to accept connections|could not bind|already in use")

@@ -16,7 +16,7 @@ from typing import Literal
 
 from replicaproxy.config import Address, HealthConfig
 from replicaproxy.logutil import LOCAL_ERRNOS, describe_error
-from replicaproxy.tls import ClientTls
+from replicaproxy.tls import ClientTls, agreed_socket
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,11 @@ async def open_connection(
     """A stream to ``address``, over TLS when ``tls`` says so (the caller bounds the time)."""
     if tls is None:
         return await asyncio.open_connection(address.host, address.port)
+    if tls.preface:
+        sock = await agreed_socket(address.host, address.port, tls.preface)
+        return await asyncio.open_connection(
+            sock=sock, ssl=tls.context, server_hostname=tls.server_name
+        )
     return await asyncio.open_connection(
         address.host, address.port, ssl=tls.context, server_hostname=tls.server_name
     )

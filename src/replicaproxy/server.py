@@ -136,9 +136,11 @@ def store_label(store: ViewStore) -> str:
 
 def _backend_tls(config: Config) -> dict[str, ClientTls]:
     """TLS to each backend with ``tls = true``, from its files as they are now."""
+    # PostgreSQL asks for TLS inside its protocol, with an SSLRequest.
+    preface = postgres.ssl_request() if config.proxy.protocol == "postgres" else b""
     return {
         b.name: ClientTls(
-            client_context(ca=b.tls_ca, cert=b.tls_cert, key=b.tls_key), b.server_name
+            client_context(ca=b.tls_ca, cert=b.tls_cert, key=b.tls_key), b.server_name, preface
         )
         for b in config.backends
         if b.tls
@@ -707,9 +709,17 @@ class Server:
 
     def _client_protocols(self) -> Callable[[], asyncio.BaseProtocol]:
         """The listener's protocol factory: a TLS handshake first when configured."""
-        if self._tls is not None:
+        if self._tls is not None and not self.protocols.preamble:
             return self._tls
+        # PostgreSQL asks for TLS inside its protocol (SSLRequest): the driver answers.
         return lambda: ClientProtocol(self._accept)
+
+    def client_tls(self) -> ssl.SSLContext | None:
+        """The context for a client's TLS begun inside its protocol (PostgreSQL)."""
+        return self._tls.context if self._tls is not None else None
+
+    def handshake_failed(self, exc: BaseException, peer: str) -> None:
+        self._handshake_failed(exc, peer)
 
     def _admit_handshake(self, handshakes: int) -> bool:
         """Whether a client may begin a TLS handshake: within max_connections, counting

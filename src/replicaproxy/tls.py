@@ -14,6 +14,8 @@ dependencies.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -25,6 +27,7 @@ __all__ = [
     "ClientTls",
     "TlsFileError",
     "TlsVersion",
+    "agreed_socket",
     "client_context",
     "handshake_failure",
     "reload_pair",
@@ -55,6 +58,38 @@ class ClientTls:
     context: ssl.SSLContext
     #: Sent as SNI and checked against the backend's certificate (a DNS name or an IP).
     server_name: str
+    #: Sent in the clear before the handshake, where the protocol asks for TLS itself
+    #: (PostgreSQL's SSLRequest); the server must answer ``S``. Empty: TLS at once.
+    preface: bytes = b""
+
+
+async def agreed_socket(host: str, port: int, preface: bytes) -> socket.socket:
+    """A socket connected to ``host:port`` whose server agreed to TLS: ``preface`` sent,
+    ``S`` read (the caller bounds the time). Raises ConnectionRefusedError naming the
+    answer when the server declines (PostgreSQL without ``ssl = on`` says ``N``)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, preface)
+            answer = await loop.sock_recv(sock, 1)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        if answer != b"S":
+            sock.close()
+            said = "nothing" if not answer else repr(answer.decode("latin-1"))
+            raise ConnectionRefusedError(f"TLS: the server answered {said}, not S: is its TLS on?")
+        return sock
+    raise error
 
 
 # ------------------------------------------------------------------------ contexts

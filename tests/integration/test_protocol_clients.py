@@ -27,7 +27,9 @@ from support import (
     Proc,
     Proxy,
     config_text,
+    make_certs,
     memcached,
+    metric,
     nginx,
     postgres,
     psql,
@@ -181,6 +183,58 @@ def test_a_cancel_reaches_every_backend_with_its_own_key(tmp_path: Path) -> None
         px.proc.wait_for(r"cancel request from .*, sent to primary, replica")
         assert px.states() == {"primary": "in_sync", "replica": "in_sync"}
         assert backend(px, "replica")["divergences"] == 0
+
+
+def test_postgres_tls_both_ways_the_proxy_ends_the_clients_and_asks_the_backends(
+    tmp_path: Path,
+) -> None:
+    """sslmode=require and verify-full clients talk TLS to the proxy, which answers their
+    SSLRequest with its own certificate; the backends take TLS connections only, and the
+    proxy asks each with an SSLRequest of its own. Both hold the same rows."""
+    binary = require_binary("psql")
+    certs = make_certs(tmp_path / "certs")
+
+    def client(port: int, sslmode: str, sql: str, ca: Path = certs.ca) -> tuple[int, str, str]:
+        out = subprocess.run(
+            [binary, "-h", HOST, "-p", str(port), "-U", "postgres", "-XAtq", "-c", sql],
+            capture_output=True, text=True, timeout=WAIT,
+            env={**os.environ, "PGSSLMODE": sslmode, "PGSSLROOTCERT": str(ca),
+                 "PGCONNECT_TIMEOUT": "5"},
+        )  # fmt: skip
+        return out.returncode, out.stdout.strip(), out.stderr
+
+    hostssl = "hostssl all all 127.0.0.1/32 trust"  # no plaintext logins
+    to_backend = f'tls = true\ntls_ca = "{certs.ca}"'
+    with (
+        postgres("primary", hba=hostssl, tls=certs.server) as (_p, pport),
+        postgres("replica", hba=hostssl, tls=certs.server) as (_r, rport),
+    ):
+        config = config_text(
+            tmp_path,
+            [("primary", pport, "primary", to_backend), ("replica", rport, "replica", to_backend)],
+            extra=f'protocol = "postgres"\ntls_cert = "{certs.server.cert}"\n'
+            f'tls_key = "{certs.server.key}"',
+        )
+        with run_proxy(config) as px:
+            rc, _, err = client(px.port, "verify-full", "create table t (n int)")
+            assert rc == 0, err
+            for n in range(20):
+                rc, _, err = client(px.port, "require", f"insert into t values ({n})")
+                assert rc == 0, err
+            rc, info, err = client(px.port, "verify-full", "\\conninfo")
+            assert "SSL connection (protocol: TLSv1.3" in info, info + err
+            for port in (pport, rport):
+                assert client(port, "require", "select count(*), sum(n) from t")[1] == "20|190"
+            # A client that will not speak TLS is refused, in PostgreSQL's own words.
+            rc, _, err = client(px.port, "disable", "select 1")
+            assert rc != 0 and "this proxy takes TLS connections only" in err, err
+            # A client that does not trust the proxy's certificate: a failed handshake.
+            rc, _, err = client(px.port, "verify-full", "select 1", ca=certs.other_ca)
+            assert rc != 0 and "certificate verify failed" in err, err
+            failures = 'replicaproxy_tls_handshake_failures_total{reason="cert_refused"}'
+            wait_until("the refused handshake is counted", lambda: metric(px.admin, failures) == 1)
+            assert px.states() == {"primary": "in_sync", "replica": "in_sync"}
+            assert backend(px, "replica")["divergences"] == 0
 
 
 # ------------------------------------------------------------------ HTTP

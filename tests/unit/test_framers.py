@@ -291,7 +291,7 @@ def test_postgres_a_challenge_login_says_why_it_cannot_be_mirrored() -> None:
     ("head", "verdict"),
     [
         (b"\x00\x00\x00\x08\x04\xd2\x16", postgres.NEED_MORE),
-        (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", postgres.ANSWER_NO),  # SSLRequest
+        (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", postgres.SSL),  # SSLRequest
         (b"\x00\x00\x00\x08\x04\xd2\x16\x30", postgres.ANSWER_NO),  # GSSENCRequest
         (b"\x00\x00\x00\x10\x04\xd2\x16\x2e" + bytes(4), postgres.NEED_MORE),
         (b"\x00\x00\x00\x10\x04\xd2\x16\x2e" + bytes(8), postgres.CANCEL),

@@ -364,9 +364,10 @@ def _label(sql: bytes) -> str:
 
 #: What :func:`preamble` says to do with the client's first bytes.
 NEED_MORE: Final = 0
-ANSWER_NO: Final = 1  # SSLRequest/GSSENCRequest: answer "N" and drop the 8 bytes
+ANSWER_NO: Final = 1  # a GSSENCRequest: answer "N" and drop the 8 bytes
 CANCEL: Final = 2  # a CancelRequest: carry it out, then close the client
 PASS: Final = 3  # a StartupMessage (or anything else): the session takes it
+SSL: Final = 4  # an SSLRequest: "S" and a TLS handshake where the proxy has a certificate, else "N"
 
 
 def preamble(head: bytes) -> int:
@@ -374,11 +375,24 @@ def preamble(head: bytes) -> int:
     if len(head) < 8:
         return NEED_MORE
     code = _int32(head, 4)
-    if _int32(head, 0) == 8 and code in (SSL_REQUEST, GSSENC_REQUEST):
+    if _int32(head, 0) == 8 and code == SSL_REQUEST:
+        return SSL
+    if _int32(head, 0) == 8 and code == GSSENC_REQUEST:
         return ANSWER_NO
     if _int32(head, 0) == 16 and code == CANCEL_REQUEST:
         return CANCEL if len(head) >= 16 else NEED_MORE
     return PASS
+
+
+def fatal_response(sqlstate: bytes, message: str) -> bytes:
+    """A FATAL ErrorResponse, for what the proxy itself refuses before a session."""
+    body = b"SFATAL\x00VFATAL\x00C" + sqlstate + b"\x00M" + message.encode() + b"\x00\x00"
+    return b"E" + (4 + len(body)).to_bytes(4, "big") + body
+
+
+def ssl_request() -> bytes:
+    """An SSLRequest: what a client sends to ask a server for TLS."""
+    return (8).to_bytes(4, "big") + SSL_REQUEST.to_bytes(4, "big")
 
 
 def cancel_request(key: bytes) -> bytes:

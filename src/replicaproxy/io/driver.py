@@ -58,7 +58,7 @@ from replicaproxy.core.events import (
 )
 from replicaproxy.core.session import Session
 from replicaproxy.logutil import LOCAL_ERRNOS, describe_error
-from replicaproxy.tls import ClientTls
+from replicaproxy.tls import ClientTls, agreed_socket
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ CONNECT_TRIES = 3
 #: system call per small write; past 64 KiB a call is a small part of moving the
 #: bytes, and a fast client cannot make a session hold a tick's worth of its stream.
 FLUSH_BYTES = 64 * 1024
+
+#: Seconds a PostgreSQL client has for its TLS handshake after the proxy's ``S``: as
+#: long as on a TLS listener (io/handshake.py says why).
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class SessionHost(Protocol):
@@ -87,6 +91,8 @@ class SessionHost(Protocol):
     def session_finished(self, driver: SessionDriver, outcome: str) -> None: ...
     def check_alive(self, name: str, answer: Callable[[bool, str], None]) -> None: ...
     def cancel(self, key: bytes, peer: str) -> None: ...
+    def client_tls(self) -> ssl.SSLContext | None: ...
+    def handshake_failed(self, exc: BaseException, peer: str) -> None: ...
 
 
 def _describe(exc: BaseException | None) -> str | None:
@@ -163,6 +169,8 @@ class SessionDriver:
         #: The client's first bytes while they may be for the proxy itself (PostgreSQL's
         #: SSLRequest, GSSENCRequest, CancelRequest); None once the session takes them.
         self.head: bytes | None = b"" if preamble else None
+        self._tls_begun = False  # the client's SSLRequest was answered "S"
+        self._tls_task: asyncio.Task[None] | None = None  # (held: the loop keeps weak ones)
         self._batched: set[str] = set()  # upstreams whose writes wait for the tick
         self._deferred: dict[str, list[bytes]] = {}  # their input until then
         self._marked = False  # the flusher knows this session holds input back
@@ -286,10 +294,13 @@ class SessionDriver:
     def preamble(self, data: bytes) -> None:
         """The client's first bytes, while they may be for the proxy itself.
 
-        An SSLRequest or GSSENCRequest is answered ``N`` here: the proxy cannot mirror
-        an encrypted stream, and a replica must not see a request its primary
-        answered (the client sends its StartupMessage after reading the answer). A
-        CancelRequest is carried out against every backend, each with its own key.
+        The proxy cannot mirror an encrypted stream, and a replica must not see a
+        request its primary answered (the client sends its StartupMessage after reading
+        the answer), so the proxy answers these itself. An SSLRequest gets ``S`` and a
+        TLS handshake with the proxy's certificate where ``[proxy] tls_cert`` is set
+        (every backend then gets the decrypted stream), else ``N``; then a client that
+        does not ask for TLS is refused. A GSSENCRequest gets ``N``. A CancelRequest is
+        carried out against every backend, each with its own key.
         """
         head = (self.head or b"") + data
         client = self._transports[CLIENT]
@@ -298,7 +309,21 @@ class SessionDriver:
             if verdict == postgres.NEED_MORE:
                 self.head = head
                 return
-            if verdict == postgres.ANSWER_NO:
+            if verdict == postgres.SSL and not self._tls_begun:
+                context = self.host.client_tls()
+                if context is not None:
+                    if len(head) > 8:
+                        # Bytes sent before the answer would be taken as if encrypted
+                        # (PostgreSQL refuses them too: CVE-2021-23214).
+                        self._refuse(b"08P01", "received unencrypted data after SSL request")
+                        return
+                    self.head = b""
+                    self._tls_begun = True
+                    if not client.is_closing():
+                        client.write(b"S")
+                        self._tls_task = self.loop.create_task(self._start_tls(client, context))
+                    return
+            if verdict in (postgres.SSL, postgres.ANSWER_NO):
                 if not client.is_closing():
                     client.write(b"N")
                 head = head[8:]
@@ -306,13 +331,47 @@ class SessionDriver:
                     self.head = b""
                     return
                 continue
-            self.head = None
             if verdict == postgres.CANCEL:
+                self.head = None
                 self.host.cancel(head[8:16], self.peer)
                 client.close()
                 return
+            if self.host.client_tls() is not None and not self._tls_begun:
+                self.head = None
+                self._refuse(b"28000", "this proxy takes TLS connections only (sslmode=require)")
+                return
+            self.head = None
             self.client_data(head)
             return
+
+    def _refuse(self, sqlstate: bytes, message: str) -> None:
+        """End the session before it began, with a FATAL ErrorResponse to the client."""
+        self.head = None
+        client = self._transports[CLIENT]
+        log.info("session %d: refused %s: %s", self.sid, self.peer, message)
+        if not client.is_closing():
+            client.write(postgres.fatal_response(sqlstate, message))
+            client.close()
+
+    async def _start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """TLS on the client's connection after its SSLRequest was answered ``S``."""
+        protocol = raw.get_protocol()
+        try:
+            tls = await self.loop.start_tls(
+                raw, protocol, context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.host.handshake_failed(exc, self.peer)
+            raw.abort()
+            return
+        except RuntimeError:  # the connection closed under the handshake
+            return
+        if tls is None:  # (the connection ended under it)
+            return
+        self._transports[CLIENT] = tls
+        self._to_client = (tls,)
+        if isinstance(protocol, ClientProtocol):
+            protocol.tls_started(tls)
 
     def client_data(self, data: bytes) -> None:
         """ClientData: by the plan while the session's route holds, else by the session."""
@@ -534,6 +593,14 @@ class SessionDriver:
                         transport, _ = await self.loop.create_connection(
                             lambda: UpstreamProtocol(self, name), address.host, address.port
                         )
+                    elif tls.preface:  # (PostgreSQL: TLS once it agreed to it)
+                        sock = await agreed_socket(address.host, address.port, tls.preface)
+                        transport, _ = await self.loop.create_connection(
+                            lambda: UpstreamProtocol(self, name),
+                            sock=sock,
+                            ssl=tls.context,
+                            server_hostname=tls.server_name,
+                        )
                     else:
                         transport, _ = await self.loop.create_connection(
                             lambda: UpstreamProtocol(self, name),
@@ -641,6 +708,10 @@ class ClientProtocol(asyncio.Protocol):
         self._keep_open = _half_close(transport)
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.driver = self._on_made(cast(asyncio.Transport, transport))
+
+    def tls_started(self, transport: asyncio.Transport) -> None:
+        """The connection now speaks TLS (PostgreSQL's SSLRequest): no half-close."""
+        self._keep_open = _half_close(transport)
 
     def data_received(self, data: bytes) -> None:
         d = self.driver
