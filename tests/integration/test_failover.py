@@ -228,7 +228,7 @@ def test_admin_off_loopback_without_token_is_a_config_error(tmp_path: Path) -> N
     text = (
         Path(config)
         .read_text()
-        .replace('listen = "127.0.0.1:0"\n[health]', 'listen = "0.0.0.0:9901"\n[health]')
+        .replace('[admin]\nlisten = "127.0.0.1:0"', '[admin]\nlisten = "0.0.0.0:9901"')
     )
     Path(config).write_text(text)
     out = subprocess.run(replicaproxy("check", config), capture_output=True, text=True,

@@ -746,12 +746,53 @@ def test_client_reset_before_the_primary_connects_sends_nothing_anywhere() -> No
     assert h(UpstreamClosed(R)) == [Finished("client_reset")]
 
 
-def test_replica_still_connecting_when_the_session_ends_is_stale() -> None:
+def test_a_replica_still_connecting_when_the_session_ends_takes_its_input_late() -> None:
+    # A TLS handshake to a distant replica may outlast a short session.
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(UpstreamConnected(P))
+    h(ClientData(b"only the primary has this"))
+    h(ClientEof())
+    h(UpstreamData(P, b"+OK\r\n"))
+    h(UpstreamEof(P))
+    h(ClientClosed(None))
+    assert Abort(R) not in h.actions and not h.stale()
+    h(UpstreamClosed(P))
+    assert Finished("ok") not in h.actions, "the session waits for the replica"
+    acts = h(UpstreamConnected(R))
+    assert (R, b"only the primary has this") in h.writes()
+    assert StartTimer(Timer.CLOSE_GRACE, h.session.limits.close_grace) in acts
+    h(UpstreamData(R, b"+OK\r\n"))
+    h(UpstreamEof(R))
+    assert Close(R) in h.actions
+    [finished] = h(UpstreamClosed(R))
+    assert isinstance(finished, Finished)
+    assert not h.stale() and not h.reports("diverged")
+
+
+def test_a_late_replica_that_answers_otherwise_diverges() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(UpstreamConnected(P))
+    h(ClientData(b"AUTH secret\r\n"))
+    h(UpstreamData(P, b"+OK\r\n"))
+    h(ClientClosed("ConnectionResetError"))
+    h(UpstreamConnected(R))
+    h(UpstreamData(R, b"-WRONGPASS\r\n"))
+    assert h.stale() == {R}
+
+
+@pytest.mark.parametrize(
+    "end", [TimerFired(Timer.LINGER), UpstreamConnectFailed(R, "no answer within 5 s")]
+)
+def test_a_replica_still_connecting_at_linger_or_that_cannot_connect_is_stale(end: Event) -> None:
     h = make((P, "primary"), (R, "replica"))
     h.start()
     h(UpstreamConnected(P))
     h(ClientData(b"only the primary has this"))
     h(ClientClosed("ConnectionResetError"))
+    assert not h.stale()
+    h(end)
     assert h.stale() == {R}
 
 

@@ -628,6 +628,13 @@ class Session:
         u.state = _State.OPEN
         self._route = None
         if self._ending:
+            if u.held and u is not self._primary:
+                # The session ended while it connected: it takes what it was due first,
+                # and answers within close_grace, compared, as the others did.
+                self._release_held(u, actions)
+                if u.compared:
+                    actions.append(StartTimer(Timer.CLOSE_GRACE, self.limits.close_grace))
+                    return
             self._close(u, actions)
         elif u is self._primary:
             self._open_gate(actions)
@@ -1899,7 +1906,16 @@ class Session:
                     self._close(u, actions)
         elif timer is Timer.LINGER:
             for u in self._ups.values():
-                if u.state is _State.CLOSING:
+                if u.state is _State.CONNECTING and u is not self._primary:
+                    if u.role == "replica":
+                        actions.append(
+                            MarkStale(
+                                u.name,
+                                f"session ended before it connected, {self.limits.linger} s ago",
+                            )
+                        )
+                    self._abort(u, actions)
+                elif u.state is _State.CLOSING:
                     if u.role == "replica":
                         actions.append(
                             MarkStale(
@@ -2055,6 +2071,12 @@ class Session:
             actions.append(Close(u.name))
             self._start_linger(actions)
         elif u.state is _State.CONNECTING:
+            if u is not self._primary and self._gate_open and u.held:
+                # The primary got input this one holds: it takes it once connected (a
+                # TLS handshake may outlast a short session), within linger. The
+                # connect timeout or linger's end makes a replica stale.
+                self._start_linger(actions)
+                return
             # It never got a byte: nothing to lose by aborting the attempt.
             self._abort(u, actions)
             if u.role == "replica" and self._gate_open and u.fed:
