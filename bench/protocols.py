@@ -534,7 +534,8 @@ def sections(out: bench.Outcome) -> list[str]:
             md.append("| " + " | ".join(cells) + " |")
         tools = {"http": ("nginx", "wrk"), "pg": ("postgres", "pgbench"),
                  "mc": ("memcached", "memaslap")}[work.name]  # fmt: skip
-        md.extend(["", "; ".join(out.machine.get(t, t) for t in tools) + ". " + NOTES[work.name]])
+        programs = "; ".join(out.machine.get(t, t) for t in tools) + "."
+        md.extend(["", f"{programs} {NOTES[work.name]}".rstrip()])
         r = ratio(
             g(work.framed, work.name, "cpu_us_per_unit"), g("rp1", work.name, "cpu_us_per_unit")
         )
