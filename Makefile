@@ -46,7 +46,8 @@ test-pure: $(STAMP)
 	find $(PURE) -name '*.so' -delete
 	REPLICAPROXY_PURE=1 PYTHONPATH=$(PURE) $(BIN)/pytest -q -rs tests/unit tests/integration
 
-# Benchmarks: never part of the tests. Need haproxy, redis-server, redis-benchmark.
+# Benchmarks: never part of the tests. Need haproxy, redis-server, redis-benchmark; the
+# protocol workloads (http, pg, mc) run where their programs are (bench/README.md, Protocols).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 

@@ -52,6 +52,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# bench/protocols.py imports this module as ``run``: the same module when it is __main__.
+sys.modules.setdefault("run", sys.modules[__name__])
+import protocols  # noqa: E402  (the protocol workloads: http, pg, mc)
+
 HOST = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -91,6 +95,7 @@ WORKLOADS = {
     "bulk": "one-way stream into a sink, 256 KiB writes",
     "churn": "a new connection per request (PING), 50 at a time",
     "idle": "sessions held open: proxy RSS per session (haproxy and rp1)",
+    **protocols.DESCRIPTIONS,
 }
 #: Workloads served by Redis (the others by the sink).
 REDIS_WORKLOADS = {"rr", "p16", "lat", "churn", "idle"}
@@ -608,7 +613,7 @@ def run(out: Outcome, procs: Processes) -> None:
         loadgen(["bulk", str(t.port), str(8 << 20)], WAIT)
         settle(t, "warm-up")
 
-    timed = [w for w in out.workloads if w != "idle"]
+    timed = [w for w in out.workloads if w != "idle" and w not in protocols.WORKLOADS]
     for rnd in range(1, plan.rounds + 1):
         for work in timed:
             world = worlds["sink" if work == "bulk" else "redis"]
@@ -844,6 +849,7 @@ def table(out: Outcome) -> str:
         [[s, mib(s, "rss_before_kib"), mib(s, "rss_after_kib"),
           fmt(g(s, "idle", "kib_per_session"), ".1f")] for s in have("idle")],
     )  # fmt: skip
+    md.extend(protocols.sections(out))
     md.extend(["", "### Targets (reported, never asserted)", ""])
     md.extend(["| target | measured | result |", "|---|---|---|"])
     for t in out.targets:
@@ -1120,6 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
             procs = Processes(Path(tmp))
             try:
                 run(out, procs)
+                protocols.run(out, procs)
             finally:
                 procs.close()
     except (BenchError, subprocess.TimeoutExpired) as exc:
@@ -1128,6 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     out.seconds = time.monotonic() - t0
     out.machine["load_average_at_end"] = load_average()
     judge(out)
+    protocols.judge(out)
     report = f"{header(out)}\n\n{table(out)}\n"
     paths = save(out, stem, report)
     if stem == "latest":
