@@ -6,13 +6,15 @@ whole) and by example (what each protocol's rules let differ, and what not).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from replicaproxy.core import postgres
 from replicaproxy.core.framing import GARBAGE, MORE, Expect, Framing
-from replicaproxy.core.http import HttpFraming, ignored
+from replicaproxy.core.http import HttpExpect, HttpFraming, ignored
 from replicaproxy.core.memcached import McFraming
 from replicaproxy.core.postgres import PgFraming
 
@@ -410,3 +412,102 @@ def test_postgres_copy_from_stdin_splits_its_reply_where_the_client_sends_data()
     parsed = pg(b"1", b"") + pg(b"2", b"")
     replies = replies_of(extended, requests, startup_reply(1, 1) + parsed + copy_in + done + READY)
     assert [r for _, r in replies[1:]] == [parsed + copy_in, done, READY]
+
+
+# The fast path (core/http.py fast_head) must read every message it takes as h11
+# does: same expectations, same ends, same comparisons; odd messages go to h11.
+
+_ODD_VALUE = st.lists(st.sampled_from([b"a", b"1", b" ", b"\t", b"\x01", b"\x80", b"\xff", b"-"]))
+_HEADER_LINE = st.one_of(
+    st.just(b"Host: h"),
+    st.sampled_from([b"0", b"3", b"03", b"3 ", b" 3", b"+3", b"x", b"99999999999999999999"]).map(
+        lambda v: b"Content-Length:" + v
+    ),
+    st.just(b"Transfer-Encoding: chunked"),
+    st.just(b"Upgrade: websocket"),
+    st.just(b"Expect: 100-continue"),
+    st.just(b"Connection: close"),
+    _ODD_VALUE.map(lambda v: b"X-A:" + b"".join(v)),
+    st.sampled_from([b"Bad Name: v", b" folded", b"NoColon", b"X-B : v", b"Date: now"]),
+)
+_BODY = st.sampled_from([b"", b"abc", b"0\r\n\r\n", b"3\r\nabc\r\n0\r\n\r\n", b"abcdef"])
+
+
+@st.composite
+def _odd_request(draw: st.DrawFn) -> bytes:
+    method = draw(st.sampled_from([b"GET", b"HEAD", b"POST", b"CONNECT", b"G T", b""]))
+    version = draw(st.sampled_from([b"1.1", b"1.0", b"2.0"]))
+    headers = draw(st.lists(_HEADER_LINE, max_size=4))
+    head = b"%s /x HTTP/%s\r\n" % (method, version) + b"".join(h + b"\r\n" for h in headers)
+    return head + b"\r\n" + draw(_BODY)
+
+
+@st.composite
+def _odd_response(draw: st.DrawFn) -> bytes:
+    status = draw(st.sampled_from([b"100", b"101", b"200", b"204", b"304", b"404", b"2000"]))
+    reason = draw(st.sampled_from([b" OK", b"", b" ", b" Not \x80 Found", b" a\tb"]))
+    headers = draw(st.lists(_HEADER_LINE, max_size=4))
+    head = b"HTTP/1.1 %s%s\r\n" % (status, reason) + b"".join(h + b"\r\n" for h in headers)
+    return head + b"\r\n" + draw(_BODY)
+
+
+def _trace(framing: HttpFraming, requests: bytes, replies: bytes, cuts: list[int]) -> list[Any]:
+    """What framing ``replies`` says at each step: labels, ends, MORE, GARBAGE."""
+    framing.request(requests)
+    out: list[Any] = [[e.label for e in framing.pending]]
+    offset, inside = 0, False
+    for piece in _pieces(replies, cuts):
+        pos = 0
+        while pos < len(piece):
+            if not inside:
+                expect = framing.begin(piece, pos)
+                if expect is None:
+                    return [*out, "nothing expected"]
+                inside = True
+            end = framing.feed(piece, pos)
+            if end == GARBAGE:
+                return [*out, "garbage"]
+            if end == MORE:
+                break
+            out.append(offset + end)
+            inside = False
+            pos = end
+        offset += len(piece)
+    return [*out, "open" if inside else "done", framing.finish() if inside else None]
+
+
+@settings(max_examples=600)
+@example(  # (what is left after a response is no status line: h11 says garbage at once)
+    requests=[b"GET /x HTTP/1.0\r\n\r\n"] * 2,
+    responses=[b"HTTP/1.1 200 OK\r\nContent-Length:3\r\n\r\n0\r\n\r\n"],
+    cuts=[],
+)
+@given(
+    requests=st.lists(_odd_request(), min_size=1, max_size=3),
+    responses=st.lists(_odd_response(), min_size=1, max_size=3),
+    cuts=cuts,
+)
+def test_http_fast_path_frames_as_h11_does(
+    requests: list[bytes], responses: list[bytes], cuts: list[int]
+) -> None:
+    reqs, reps = b"".join(requests), b"".join(responses)
+    slow = _trace(HttpFraming(HEADERS, fast=False), reqs, reps, cuts)
+    assert _trace(HttpFraming(HEADERS), reqs, reps, cuts) == slow
+    assert _trace(HttpFraming(HEADERS), reqs, reps, []) == _trace(
+        HttpFraming(HEADERS, fast=False), reqs, reps, []
+    )
+
+
+@settings(max_examples=400)
+@given(a=_odd_response(), b=_odd_response(), method=st.sampled_from([b"GET", b"HEAD"]))
+def test_http_fast_path_compares_as_h11_does(a: bytes, b: bytes, method: bytes) -> None:
+    fast = HttpFraming(HEADERS)
+    fast.request(b"%s /x HTTP/1.1\r\nHost: h\r\n\r\n" % method)
+    slow = HttpFraming(HEADERS, fast=False)
+    slow.request(b"%s /x HTTP/1.1\r\nHost: h\r\n\r\n" % method)
+    [f], [s] = fast.pending, slow.pending
+    assert f.equivalent(a, b) == s.equivalent(a, b)
+    assert isinstance(f, HttpExpect) and isinstance(s, HttpExpect)
+    read = f.fast_read(a)
+    if read is not None:
+        assert read == s.read(a)

@@ -7,10 +7,18 @@ what the response answers (HEAD, 1xx, close-delimited bodies). Responses are
 compared by status, headers and decoded body (chunked or not); headers named in
 ``[protocol.http] ignore_headers`` (``date`` by default) may differ. ``Upgrade``
 and ``CONNECT`` switch protocols: bytes are compared from there on.
+
+h11 is the parser of record, but a connection per message is most of the cost of
+a small request. So the messages almost every server exchanges (a request whose
+whole head and ``Content-Length`` body are at hand, a response with
+``Content-Length`` or no body by rule) are read by :func:`fast_head` first, which
+accepts only what h11 reads the same way (a property test holds it to that) and
+leaves everything else (chunked, 1xx, close-delimited, odd syntax) to h11.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import h11
@@ -30,6 +38,109 @@ TARGET_SHOWN: Final = 60
 _Head = tuple[int, bytes, bytes, list[tuple[bytes, bytes]]]
 _Message = tuple[list[_Head], bytes]
 
+#: The longest head the fast path reads; longer ones are h11's (its limit is 16 KiB).
+FAST_HEAD_LIMIT: Final = 8192
+# What the fast path accepts, a subset of RFC 9112 as h11 reads it: a token, then a
+# colon, then visible characters, spaces and tabs (whitespace around a value is not
+# part of it). Anything else (obs-fold, controls, a space before the colon) is h11's.
+_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_TOKEN_CHARS: Final = b"-!#$%&'*+.^_`|~0123456789" + bytes(range(65, 91)) + bytes(range(97, 123))
+#: What h11 reads its own way (or refuses) anywhere in a head: the fast path leaves it.
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_REQUEST_LINE: Final = re.compile(b"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])")
+_STATUS_LINE: Final = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
+
+
+class FastHead:
+    """A head the fast path read: its first line's parts, headers (names lowercase,
+    values trimmed), where it ends, and the body's length by Content-Length (-1: none)."""
+
+    __slots__ = ("end", "first", "headers", "length")
+
+    def __init__(
+        self, first: tuple[bytes, ...], headers: list[tuple[bytes, bytes]], end: int, length: int
+    ) -> None:
+        self.first = first
+        self.headers = headers
+        self.end = end
+        self.length = length
+
+
+def fast_head(data: bytes, pos: int, request: bool, keep: bool = True) -> FastHead | None:
+    """The head at ``data[pos:]`` if the fast path reads it; None where h11 must (the
+    head is incomplete, too long, has Transfer-Encoding, two Content-Lengths or
+    anything the fast path does not accept). ``keep``: list the headers (else only
+    Content-Length is read, for where a response ends)."""
+    stop = data.find(b"\r\n\r\n", pos, pos + FAST_HEAD_LIMIT)
+    if stop < 0:
+        return None
+    block = data[pos:stop]
+    if _CONTROL.search(block.replace(b"\r\n", b"  ")) is not None:
+        return None  # (a control character, a lone CR or LF: h11 says what they mean)
+    lines = block.split(b"\r\n")
+    m = (_REQUEST_LINE if request else _STATUS_LINE).fullmatch(lines[0])
+    if m is None:
+        return None
+    first = tuple(g or b"" for g in m.groups())
+    headers: list[tuple[bytes, bytes]] = []
+    length = -1
+    hosts = 0
+    for i in range(1, len(lines)):
+        line = lines[i]
+        colon = line.find(b":")
+        if colon <= 0:
+            return None
+        name = line[:colon]
+        if name.translate(None, _TOKEN_CHARS):
+            return None  # (not a token: a space before the colon, an obs-fold line)
+        name = name.lower()
+        value = line[colon + 1 :].strip(b" \t")
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 18:
+                return None
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return None
+        elif name == b"host":
+            hosts += 1
+        if keep:
+            headers.append((name, value))
+    if request and (hosts > 1 or (hosts == 0 and first[2] == b"1.1")):
+        return None  # (h11 refuses two Hosts, and an HTTP/1.1 request without one)
+    return FastHead(first, headers, stop + 4, length)
+
+
+class FastRequest:
+    """A request read by the fast path, with the h11.Request attributes HttpExpect uses."""
+
+    __slots__ = ("headers", "http_version", "method", "target")
+
+    def __init__(self, head: FastHead) -> None:
+        self.method = head.first[0]
+        self.target = head.first[1]
+        self.http_version = head.first[2]
+        self.headers = head.headers
+
+    def h11(self) -> Any:
+        return h11.Request(
+            method=self.method,
+            target=self.target,
+            headers=self.headers,
+            http_version=self.http_version,
+        )
+
+
+def _fast_end(head: FastHead, method: bytes) -> int:
+    """Where a response ends, by the fast path's rules; -1 where h11 must say."""
+    status = int(head.first[1])
+    if status < 200 or status == 101:
+        return -1  # interim responses and switching protocols: h11's
+    if method == b"HEAD" or status in (204, 304):
+        return head.end
+    if head.length < 0:
+        return -1  # (a close-delimited body)
+    return head.end + head.length
+
 
 class HttpExpect(Expect):
     """The response a request expects, and how two responses to it compare."""
@@ -39,6 +150,7 @@ class HttpExpect(Expect):
         request: Any,
         ignore: frozenset[bytes],
         switches: bool,
+        fast: bool = True,
     ) -> None:
         method = request.method.decode(errors="replace")
         target = request.target.decode(errors="replace")
@@ -50,11 +162,15 @@ class HttpExpect(Expect):
         self.ignore = ignore
         #: The request asks to switch protocols (Upgrade, CONNECT).
         self.switches = switches
+        #: The fast path may read its responses (False: h11 only, for tests).
+        self.fast = fast and not switches
 
     def client(self) -> h11.Connection:
         """An h11 client connection that has sent this request (its head)."""
         conn = h11.Connection(h11.CLIENT)
         request = self.request
+        if isinstance(request, FastRequest):
+            request = request.h11()
         if request.http_version != b"1.1":
             # h11 sends HTTP/1.1 only; an HTTP/1.0 response is read the same either way.
             headers = list(request.headers)
@@ -67,6 +183,17 @@ class HttpExpect(Expect):
         ):
             conn.send(h11.EndOfMessage())
         return conn
+
+    def fast_read(self, response: bytes) -> _Message | None:
+        """:meth:`read` by the fast path; None where h11 must read it."""
+        head = fast_head(response, 0, False)
+        if head is None or _fast_end(head, self.request.method) != len(response):
+            return None
+        version, status, reason = head.first
+        kept = [
+            (k, v) for k, v in head.headers if k not in self.ignore and k not in _FRAMING_HEADERS
+        ]
+        return [(int(status), reason, version, kept)], response[head.end :]
 
     def read(self, response: bytes) -> _Message | None:
         """A whole response as it is compared; None if h11 cannot read it."""
@@ -102,6 +229,11 @@ class HttpExpect(Expect):
     def equivalent(self, primary: bytes, mirror: bytes) -> bool:
         if primary == mirror:
             return True
+        p = self.fast_read(primary) if self.fast else None
+        if p is not None:
+            m = self.fast_read(mirror)
+            if m is not None:
+                return p == m
         p = self.read(primary)
         return p is not None and p == self.read(mirror)
 
@@ -137,35 +269,79 @@ def _show(value: bytes | None) -> str:
 
 
 class HttpParser(ReplyParser):
-    """Finds where one response ends, with h11 (an h11 connection per response)."""
+    """Finds where one response ends: by the fast path where it reads the head, else
+    with h11 (an h11 connection per response)."""
 
     def __init__(self, expect: HttpExpect) -> None:
         self.expect = expect
-        self.conn = expect.client()
+        self.conn: h11.Connection | None = None  # h11's, once the fast path gave up
+        self.head = b""  # the response so far, while the fast path waits for its head
+        self.left = -1  # bytes of a fast-path response still to come
         self.fed = 0  # bytes of the response given to h11 so far
 
     def feed(self, data: bytes, pos: int) -> int:
-        before = self.fed
-        chunk = data[pos:]
-        self.fed += len(chunk)
+        if self.left >= 0:
+            n = len(data) - pos
+            if n >= self.left:
+                end = pos + self.left
+                self.left = 0
+                return end
+            self.left -= n
+            return MORE
+        if self.conn is None:
+            if self.expect.fast:
+                seen = self.head
+                buf = seen + data[pos:] if seen else data
+                start = 0 if seen else pos
+                head = fast_head(buf, start, False, keep=False)
+                if head is not None:
+                    end = _fast_end(head, self.expect.request.method)
+                    if end >= 0:
+                        # (offsets in ``buf``; back to ``data``'s: ``seen`` came before pos)
+                        end_in_data = end - len(seen) + pos if seen else end
+                        self.head = b""
+                        if end_in_data <= len(data):
+                            return end_in_data
+                        self.left = end_in_data - len(data)
+                        return MORE
+                elif (
+                    buf.find(b"\r\n\r\n", start) < 0
+                    and len(buf) - start < FAST_HEAD_LIMIT
+                    and b"HTTP/".startswith(buf[start : start + 5])
+                ):
+                    self.head = buf[start:]  # a status line, the head not all here yet
+                    return MORE
+            self.conn = self.expect.client()
+            if self.head:
+                # h11 reads from the response's start: the bytes held first.
+                seen, self.head = self.head, b""
+                return self._h11(seen + data[pos:], len(seen), pos)
+        return self._h11(data[pos:], 0, pos)
+
+    def _h11(self, chunk: bytes, held: int, pos: int) -> int:
+        """Feed h11 ``chunk`` (the first ``held`` bytes of it came before ``data[pos]``);
+        where the response ends in ``data``, MORE or GARBAGE."""
         conn = self.conn
+        assert conn is not None
+        before = self.fed
+        self.fed += len(chunk)
         try:
             conn.receive_data(chunk)
             while True:
                 event = conn.next_event()
-                if isinstance(event, h11.EndOfMessage):
+                if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                    # (PAUSED: 101 Switching Protocols, the response ended)
                     length = self.fed - len(conn.trailing_data[0])
-                    return pos + length - before
+                    return pos + length - before - held
                 if event is h11.NEED_DATA:
                     return MORE
-                if event is h11.PAUSED:  # (101 Switching Protocols: the response ended)
-                    length = self.fed - len(conn.trailing_data[0])
-                    return pos + length - before
         except h11.ProtocolError:
             return GARBAGE
 
     def finish(self) -> bool:
         """The connection closed: a close-delimited body ends here."""
+        if self.conn is None:
+            return False  # (the fast path reads no close-delimited body)
         try:
             self.conn.receive_data(b"")
             while True:
@@ -185,9 +361,11 @@ class HttpParser(ReplyParser):
 class HttpFraming(Framing):
     """Frames one session's HTTP/1.1."""
 
-    def __init__(self, ignore: frozenset[bytes]) -> None:
+    def __init__(self, ignore: frozenset[bytes], *, fast: bool = True) -> None:
         super().__init__()
         self.ignore = ignore
+        #: Messages the fast path reads are not given to h11 (False: all are, for tests).
+        self.fast = fast
         self._conn: h11.Connection | None = None  # the request being read
         self._queued = False  # its expectation is queued already
         self._reply: HttpParser | None = None
@@ -195,6 +373,24 @@ class HttpFraming(Framing):
     def request(self, data: bytes) -> None:
         while data and not self.deaf:
             conn = self._conn
+            if conn is None and self.fast:  # (between requests: the fast path may read it)
+                head = fast_head(data, 0, True)
+                if (
+                    head is not None
+                    and head.first[0] != b"CONNECT"
+                    and len(data) >= head.end + max(head.length, 0)
+                    and head.first[2] == b"1.1"
+                    and not any(
+                        k in (b"upgrade", b"expect")
+                        or (k == b"connection" and b"close" in v.lower())
+                        for k, v in head.headers
+                    )
+                ):
+                    # (Not the last request of a connection, HTTP/1.0's or one that
+                    # says close: h11 reads no request after it, nor does the fast path.)
+                    self.queue(HttpExpect(FastRequest(head), self.ignore, False))
+                    data = data[head.end + max(head.length, 0) :]
+                    continue
             if conn is None:
                 conn = self._conn = h11.Connection(h11.SERVER)
                 self._queued = False
@@ -209,7 +405,7 @@ class HttpFraming(Framing):
                         switches = req.method == b"CONNECT" or any(
                             name == b"upgrade" for name, _ in req.headers
                         )
-                        self.queue(HttpExpect(req, self.ignore, switches))
+                        self.queue(HttpExpect(req, self.ignore, switches, self.fast))
                         if switches:
                             self.stop()  # what follows is another protocol
                             return
