@@ -163,8 +163,9 @@ class ProxyConfig:
     replica_buffer: int = 8 * 1024 * 1024
     # The bound on input held for one replica or shadow over all sessions together
     # (replica_buffer bounds one session only: 1000 sessions behind a hung replica would
-    # hold 8 GB). 64 MiB: eight sessions a full replica_buffer behind at once, about what
-    # the proxy itself takes; a backend past it leaves every session (a replica is stale).
+    # hold 8 GB). 64 MiB: eight sessions a full replica_buffer behind at once, and about
+    # what an idle proxy takes (48 MiB resident on the development machine); a backend
+    # past it leaves every session (a replica is stale).
     replica_memory: int = 64 * 1024 * 1024
     # Sync mode: a replica this much slower than the primary stalls the client visibly,
     # so it is ejected. Same as connect_timeout for the same reason (one lost packet).
