@@ -161,6 +161,12 @@ class ProxyConfig:
     # slow replica is dropped; per session and per replica, so memory is bounded by
     # max_connections * replicas * 8 MiB in the worst case.
     replica_buffer: int = 8 * 1024 * 1024
+    # The bound on input held for one replica or shadow over all sessions together
+    # (replica_buffer bounds one session only: 1000 sessions behind a hung replica would
+    # hold 8 GB). 64 MiB: eight sessions a full replica_buffer behind at once, and about
+    # what an idle proxy takes (48 MiB resident on the development machine); a backend
+    # past it leaves every session (a replica is stale).
+    replica_memory: int = 64 * 1024 * 1024
     # Sync mode: a replica this much slower than the primary stalls the client visibly,
     # so it is ejected. Same as connect_timeout for the same reason (one lost packet).
     replica_timeout: float = 2.0
@@ -810,6 +816,7 @@ _PROXY_KEYS: dict[str, _Parser] = {
     "shutdown_grace": lambda v, w: _duration(v, w, positive=False),
     "close_grace": lambda v, w: _duration(v, w, positive=False),
     "replica_buffer": _replica_buffer,
+    "replica_memory": _replica_buffer,
     "replica_timeout": lambda v, w: _duration(v, w, positive=True),
     "max_connections": lambda v, w: _integer(v, w, minimum=1),
     "min_in_sync": lambda v, w: _integer(v, w, minimum=0),

@@ -43,14 +43,18 @@ class Control(Protocol):
         "backends": [{"name": "NAME", "address": "HOST:PORT",
         "role": "primary|replica|shadow", "state": "in_sync|stale",
         "health": "up|down|unknown", "sessions": 0, "divergences": 0,
-        "bytes_to": 0, "bytes_from": 0, "lag_bytes": 0}],
+        "bytes_to": 0, "bytes_from": 0, "lag_bytes": 0, "held_bytes": 0,
+        "memory_budget": 67108864}],
         "store": {"kind": "file|etcd", "endpoints": ["HOST:PORT"], "up": true,
         "revision": 7, "name": "THIS PROXY", "on_store_loss": "stop|serve",
         "fenced": false, ...}, "proxies": [{"name": "NAME", "listen": "HOST:PORT",
         "admin": "HOST:PORT", "version": "0.1.0", "started": 1764201600.0,
         "self": true}]}``. Byte counts are
         cumulative (the status page turns them into rates); ``lag_bytes`` is
-        input accepted for that backend but not yet handed to its socket.
+        input accepted for that backend but not yet handed to its socket (in the
+        sessions it takes part in, once a second); ``held_bytes`` is the input held
+        for it over all sessions, closing connections included, which
+        ``memory_budget`` (``replica_memory``; null for the primary) bounds.
         """
         ...
 
@@ -58,8 +62,8 @@ class Control(Protocol):
         """Recent events with ``id > since``, oldest first (at most the last 200).
 
         Each: ``{"id": 7, "time": 1764201600.5 (unix seconds), "kind":
-        "failover|stale|synced|divergence|health|reload|drain|peer|store", "backend": "NAME"
-        or None, "epoch": 3, "message": "..."}``.
+        "failover|stale|synced|divergence|health|reload|drain|peer|store|memory",
+        "backend": "NAME" or None, "epoch": 3, "message": "..."}``.
         """
         ...
 

@@ -119,6 +119,13 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.held = Gauge(
+            "replicaproxy_held_bytes",
+            "Input held in the proxy for a replica or shadow over all its sessions, closing "
+            "connections included: what replica_memory bounds",
+            ["backend"],
+            registry=r,
+        )
         self.connect_time = Histogram(
             "replicaproxy_connect_seconds",
             "Time to connect to a backend",
@@ -142,6 +149,7 @@ class Metrics:
             self.backend_in_sync,
             self.backend_up,
             self.replica_lag,
+            self.held,
             self.connect_time,
         ):
             with contextlib.suppress(KeyError):

@@ -44,7 +44,7 @@ from replicaproxy.core.events import CLIENT, PromoteResult
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
-from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
+from replicaproxy.io.driver import ClientProtocol, Flusher, MemoryBudget, SessionDriver
 from replicaproxy.io.handshake import TlsListener, quiet_tls_reports
 from replicaproxy.logutil import RateLimited, describe_error, one_line
 from replicaproxy.metrics import Metrics
@@ -90,6 +90,10 @@ TICK_SECONDS = 1.0
 ALIVE_RECHECK = 0.1
 #: PostgreSQL cancel keys kept at most (one per live session that logged in).
 MAX_CANCEL_KEYS = 100_000
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
 
 
 def _call_later(delay: float, callback: Callable[[], None]) -> None:
@@ -241,6 +245,8 @@ class Server:
         self._limits = _limits(config)
         self.health = self._new_health_checker()
         self._retired: dict[str, Backend] = {}  # removed by a reload, still in sessions
+        #: Input held for each replica and shadow over all sessions (replica_memory).
+        self._memory: dict[str, MemoryBudget] = {}
         self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._event_ids = itertools.count(1)
         self._started_at = time.monotonic()
@@ -846,6 +852,44 @@ class Server:
         """Replicas and shadows may hold ``replica_buffer`` bytes; the primary the default."""
         return None if name == self.view.primary else self.config.proxy.replica_buffer
 
+    def memory_of(self, name: str) -> MemoryBudget:
+        """The memory budget of ``name`` as a replica or shadow, over all sessions."""
+        budget = self._memory.get(name)
+        if budget is None:
+            limit = self.config.proxy.replica_memory
+            budget = self._memory[name] = MemoryBudget(name, limit, self._over_memory)
+        return budget
+
+    def _over_memory(self, name: str) -> None:
+        """The input held for ``name`` over all sessions passed replica_memory: it leaves
+        every session it is a replica or shadow in, and a replica becomes stale.
+
+        One line says so (a shadow that fills up again in new sessions: at most one per
+        5 s). Sessions whose primary it is are never affected, nor is the primary's
+        own input: it never counts against a budget.
+        """
+        budget = self._memory[name]
+        held, limit = budget.held, budget.limit
+        replica = name in self.view.backends and name != self.view.primary
+        if replica:
+            # Before the sessions ask for it, so the view names no session.
+            self.mark_stale(name, "more input held for it than replica_memory", 0)
+        reason = f"more than replica_memory ({_mib(limit)}) of input held for it"
+        left = sum(1 for driver in list(self.sessions) if driver.over_memory(name, reason))
+        if left:
+            self.metrics.dropped.labels(name).inc(left)
+        sessions = f"{left} session{'' if left == 1 else 's'}"
+        stale = "; it is stale now" if replica else ""
+        role = "replica" if replica else "shadow"
+        message = (
+            f"{name} left {sessions}: {_mib(held)} of input was held for it, more than "
+            f"replica_memory ({_mib(limit)}) allows{stale}. Raise [proxy] replica_memory "
+            f"where a {role} may fall this far behind"
+        )
+        self._event("memory", name, message)
+        self._ratelimit.log(log, logging.WARNING, f"memory:{name}", "%s", message)
+        budget.rearm()
+
     def mark_stale(self, name: str, reason: str, sid: int) -> None:
         """A session saw ``name`` miss input: it is stale from now on (stored soon after)."""
         if not self.keeper.in_sync(name) or name == self.view.primary:
@@ -1005,6 +1049,12 @@ class Server:
                     "bytes_to": b.bytes_to,
                     "bytes_from": b.bytes_from,
                     "lag_bytes": b.lag,
+                    # What replica_memory bounds: input held for it over all sessions
+                    # (as each session last measured it: per batch, and every second).
+                    "held_bytes": self._held(b.name),
+                    "memory_budget": None
+                    if b.name == view.primary
+                    else self.config.proxy.replica_memory,
                 }
                 for b in self.backends.values()
             ],
@@ -1018,6 +1068,10 @@ class Server:
                 for m in sorted(self.keeper.members.values(), key=lambda m: m.name)
             ],
         }
+
+    def _held(self, name: str) -> int:
+        budget = self._memory.get(name)
+        return budget.held if budget is not None else 0
 
     def events(self, since: int = 0) -> list[dict[str, Any]]:
         return [e for e in self._events if e["id"] > since]
@@ -1115,6 +1169,8 @@ class Server:
             changes.append("protocol rules changed (for new sessions)")
         self.config = new
         self._limits = _limits(new)
+        for budget in self._memory.values():
+            budget.limit = new.proxy.replica_memory  # (checked at the next measurement)
         self.protocols.reconfigure(new)
         if new.proxy.protocol != old.proxy.protocol or new.protocols != old.protocols:
             self._learn_rules()
@@ -1411,15 +1467,20 @@ class Server:
             self.metrics.client_bytes.labels("to_client").inc(s.delivered - out_was)
 
     async def _tick(self) -> None:
-        """Once a second: byte totals of live sessions, and each backend's lag."""
+        """Once a second: byte totals of live sessions, each backend's lag, and what each
+        session holds for each backend measured again (input a write buffer held at the
+        last batch may have gone out since: the memory budgets follow)."""
         while True:
             await asyncio.sleep(TICK_SECONDS)
             lag = dict.fromkeys(self.backends, 0)
             for driver in list(self.sessions):
                 self._account(driver)
-                for name in driver.session.members:
-                    if name in lag and driver.session.in_session(name):
-                        lag[name] += driver.pending(name)
+                s = driver.session
+                for name in s.members:
+                    pending = driver.measure(name)
+                    if name in lag and s.in_session(name):
+                        lag[name] += pending
             for name, pending in lag.items():
                 self.backends[name].lag = pending
                 self.metrics.replica_lag.labels(name).set(pending)
+                self.metrics.held.labels(name).set(self._held(name))

@@ -54,8 +54,8 @@ SUBPROCESS_EXAMPLES = settings(
 KNOWN_KEYS = {
     "proxy": [
         "listen", "mode", "state_file", "connect_timeout", "idle_timeout", "shutdown_grace",
-        "close_grace", "replica_buffer", "replica_timeout", "max_connections", "min_in_sync",
-        "divergence", "replica_flush", "allow",
+        "close_grace", "replica_buffer", "replica_memory", "replica_timeout", "max_connections",
+        "min_in_sync", "divergence", "replica_flush", "allow",
     ],
     "admin": ["listen", "token"],
     "health": ["interval", "timeout", "fall", "rise", "send", "expect"],

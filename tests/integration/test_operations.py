@@ -39,6 +39,7 @@ FAMILIES = [
     "replicaproxy_divergences_total",
     "replicaproxy_epoch",
     "replicaproxy_replica_lag_bytes",
+    "replicaproxy_held_bytes",
     "replicaproxy_refused_total",
     "replicaproxy_connect_seconds_bucket",
     "replicaproxy_session_duration_seconds_bucket",

@@ -57,6 +57,7 @@ def test_example_file_loads_with_expected_values() -> None:
     config = load_config(EXAMPLE)
     assert config.proxy == ProxyConfig()  # the example documents the defaults
     assert config.proxy.replica_buffer == 8 * 1024 * 1024
+    assert config.proxy.replica_memory == 64 * 1024 * 1024
     assert config.admin == AdminConfig(listen=Address("127.0.0.1", 9901), token="")
     assert config.health == HealthConfig()
     assert config.backends == (
@@ -313,6 +314,38 @@ BACKEND_B = {"name": "b", "address": "127.0.0.1:2", "role": "replica"}
             "config: proxy.replica_buffer: must be at least 1KiB, got 512",
         ),
         (
+            with_primary(proxy={"replica_memory": "lots"}),
+            "config: proxy.replica_memory: expected a size like '8MiB', got 'lots'",
+        ),
+        (
+            with_primary(proxy={"replica_memory": "64 MIB"}),
+            "config: proxy.replica_memory: expected a size like '8MiB', got '64 MIB'",
+        ),
+        (
+            with_primary(proxy={"replica_memory": 512}),
+            "config: proxy.replica_memory: must be at least 1KiB, got 512",
+        ),
+        (
+            with_primary(proxy={"replica_memory": "-1MiB"}),
+            "config: proxy.replica_memory: must not be negative, got '-1MiB'",
+        ),
+        (
+            with_primary(proxy={"replica_memory": "1.5B"}),
+            "config: proxy.replica_memory: not a whole number of bytes, got '1.5B'",
+        ),
+        (
+            with_primary(proxy={"replica_memory": True}),
+            "config: proxy.replica_memory: expected a size like '8MiB', got true",
+        ),
+        (
+            with_primary(proxy={"replica_memory": 64.0}),
+            "config: proxy.replica_memory: expected a size like '8MiB', got 64.0",
+        ),
+        (
+            with_primary(proxy={"replica_memroy": "64MiB"}),
+            "config: proxy.replica_memroy: unknown key (did you mean 'replica_memory'?)",
+        ),
+        (
             with_primary(proxy={"max_connections": "many"}),
             "config: proxy.max_connections: expected an integer, got 'many'",
         ),
@@ -417,6 +450,43 @@ def test_validation_errors_name_the_key(data: dict[str, Any], message: str) -> N
 )
 def test_unknown_keys_are_named_with_a_suggestion(data: dict[str, Any], message: str) -> None:
     assert error_of(data).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("16MiB", 16 * 1024**2),
+        ("64MiB", 64 * 1024**2),
+        (" 2 GiB ", 2 * 1024**3),
+        ("100MB", 100 * 1000**2),
+        ("1KiB", 1024),  # the least
+        (1024, 1024),
+        (3 * 1024**3, 3 * 1024**3),
+    ],
+)
+def test_replica_memory_is_a_size_like_replica_buffer(value: object, size: int) -> None:
+    assert config_from_dict(with_primary(proxy={"replica_memory": value})).proxy.replica_memory == (
+        size
+    )
+    # Each bounds its own thing: one does not constrain the other.
+    config = config_from_dict(
+        with_primary(proxy={"replica_memory": value, "replica_buffer": "1GiB"})
+    )
+    assert config.proxy.replica_buffer == 1024**3
+
+
+def test_replica_memory_error_in_a_file_names_the_file_and_the_value(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[proxy]\nreplica_memory = "64 megs"\n[[backend]]\naddress = "127.0.0.1:1"\n'
+        'role = "primary"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: proxy.replica_memory: expected a size like '8MiB', got '64 megs'"
+    )
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:9901", "127.3.2.1:1", "[::1]:9901", "localhost:0"])
@@ -716,6 +786,7 @@ def render(config: Config) -> str:
         f"shutdown_grace = {p.shutdown_grace!r}",
         f"close_grace = {p.close_grace!r}",
         f"replica_buffer = {p.replica_buffer}",
+        f"replica_memory = {p.replica_memory}",
         f"replica_timeout = {p.replica_timeout!r}",
         f"max_connections = {p.max_connections}",
         f"min_in_sync = {p.min_in_sync}",
@@ -782,6 +853,7 @@ PROXIES = st.builds(
     shutdown_grace=NON_NEGATIVE,
     close_grace=NON_NEGATIVE,
     replica_buffer=st.integers(1024, 2**40),
+    replica_memory=st.integers(1024, 2**40),
     replica_timeout=POSITIVE,
     max_connections=st.integers(1, 10**6),
     min_in_sync=st.integers(0, 5),  # capped at the number of replicas below

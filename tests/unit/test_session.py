@@ -23,6 +23,7 @@ from replicaproxy.core.events import (
     Event,
     Finished,
     MarkStale,
+    OverMemory,
     PauseReading,
     PrimaryChecked,
     PrimaryDown,
@@ -30,6 +31,7 @@ from replicaproxy.core.events import (
     PromoteResult,
     Report,
     ResumeReading,
+    Shutdown,
     StartTimer,
     Timer,
     TimerFired,
@@ -241,6 +243,72 @@ def test_a_replica_stale_in_the_view_leaves_the_session_which_goes_on() -> None:
     assert h.written[P] == b"ab"
     assert h.written[R] == b"a"
     assert h.written[S] == b"ab"
+
+
+def test_over_memory_a_replica_or_shadow_leaves_quietly_and_the_session_goes_on() -> None:
+    h = connected((P, "primary"), (R, "replica"), (S, "shadow"))
+    h(ClientData(b"a"))
+    acts = h(OverMemory(R, "over replica_memory"))
+    assert Abort(R) in acts
+    assert MarkStale(R, "over replica_memory") in acts
+    assert h.reports("dropped") == [], "the server says it once for every session"
+    assert not h.session.in_session(R)
+    assert h(OverMemory(P, "ignored")) == [], "the primary is never affected"
+    acts = h(OverMemory(S, "over replica_memory"))
+    assert Abort(S) in acts
+    assert h.stale() == {R}, "a shadow is never stale"
+    assert h(OverMemory(R, "again")) == [], "gone already"
+    assert h(OverMemory("nobody", "not a member")) == []
+    h(ClientData(b"b"))
+    assert h.written[P] == b"ab"
+    assert h.written[R] == b"a"
+    assert h.written[S] == b"a"
+    assert not h.session.finished
+
+
+def test_over_memory_cuts_a_connection_still_closing_and_its_last_input() -> None:
+    h = connected((P, "primary"), (R, "replica"))
+    h(ClientData(b"a"))
+    acts = h(Shutdown())
+    assert Close(R) in acts
+    assert not h.session.in_session(R)
+    assert h.stale() == set()
+    acts = h(OverMemory(R, "over replica_memory"))
+    assert acts == [MarkStale(R, "over replica_memory"), Abort(R)]
+    assert h(OverMemory(R, "again")) == [], "cut already"
+    h(UpstreamClosed(R, None))
+    h(UpstreamClosed(P, None))
+    h(ClientClosed())
+    assert h.session.finished
+
+
+def test_over_memory_before_it_connects_drops_what_the_session_held_for_it() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(UpstreamConnected(P))
+    h(ClientData(b"123456"))
+    assert h.session.held(R) == 6
+    acts = h(OverMemory(R, "over replica_memory"))
+    assert Abort(R) in acts and R in h.stale()
+    assert h.session.held(R) == 0
+    h(UpstreamConnected(R))  # (a connect that was under way)
+    h(ClientData(b"7"))
+    assert h.written[P] == b"1234567"
+    assert h.written[R] == b""
+
+
+def test_over_memory_leaves_a_replica_on_its_way_to_replace_the_primary_alone() -> None:
+    h = make((P, "primary"), (R, "replica"))
+    h.start()
+    h(UpstreamConnected(R))
+    h(UpstreamConnectFailed(P, "refused"))
+    assert [a.name for a in h.actions if isinstance(a, Promote)] == [R]
+    assert h(OverMemory(R, "over replica_memory")) == []
+    h(PromoteResult(R, True))
+    assert h.session.primary == R
+    assert h(OverMemory(R, "over replica_memory")) == []
+    h(ClientData(b"x"))
+    assert h.written[R] == b"x"
 
 
 def test_replica_write_block_drops_it_and_marks_it_stale() -> None:

@@ -150,6 +150,15 @@ class BackendStale(Event):
 
 
 @dataclass(slots=True)
+class OverMemory(Event):
+    """The proxy holds more input for ``name`` over all sessions than ``replica_memory``
+    allows: it leaves the session (the server reports it once, for every session)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(slots=True)
 class Shutdown(Event):
     """The proxy is stopping and the session's grace period is over."""
 

@@ -54,6 +54,7 @@ from replicaproxy.core.events import (
     Finished,
     IdleTimeout,
     MarkStale,
+    OverMemory,
     PauseReading,
     PrimaryChecked,
     PrimaryDown,
@@ -137,6 +138,7 @@ class _Upstream:
         "after_ours",
         "ahead",
         "compared",
+        "cut",
         "ended_at",
         "eof_received",
         "eof_sent",
@@ -165,6 +167,7 @@ class _Upstream:
         self.name = member.name
         self.role: Role = member.role
         self.state = _State.CONNECTING
+        self.cut = False  # Abort was asked for (its pending input is dropped)
         self.held: list[bytes] = []  # input waiting for the connection
         self.held_size = 0
         self.fed = 0
@@ -758,6 +761,25 @@ class Session:
         if u is None or u is self._primary or u.role != "replica" or not u.live:
             return
         self._drop(u, f"stale in the view: {event.reason}", actions)
+
+    def _on_over_memory(self, event: OverMemory, actions: list[Action]) -> None:
+        """Too much input is held for a replica or shadow over all sessions: it leaves.
+
+        Like a session's own overflow (it may have missed input: a replica is made
+        stale), but without a line per session. A connection to it that is already
+        closing is cut too: the input it still holds is part of what is too much.
+        The primary is never affected, nor a replica on its way to replace it.
+        """
+        u = self._ups.get(event.name)
+        if u is None or u is self._primary or u is self._promoting:
+            return
+        if u.live:
+            self._drop(u, event.reason, actions, report=False)
+        elif u.state is _State.CLOSING and not u.cut:
+            if u.role == "replica":
+                actions.append(MarkStale(u.name, event.reason))  # (as when linger ends)
+            u.cut = True
+            actions.append(Abort(u.name))
 
     def _held_any(self) -> bool:
         return any(u.held for u in self._feeding)
@@ -1924,6 +1946,7 @@ class Session:
                                 "of the session's end",
                             )
                         )
+                    u.cut = True
                     actions.append(Abort(u.name))
             if not self.client_closed:
                 actions.append(Abort(CLIENT))
@@ -2061,6 +2084,7 @@ class Session:
     def _abort(self, u: _Upstream, actions: list[Action]) -> None:
         if u.live:
             u.state = _State.CLOSING
+            u.cut = True
             self._route = None
             actions.append(Abort(u.name))
 
@@ -2181,5 +2205,6 @@ _HANDLERS: dict[type[Event], Callable[[Session, Any, list[Action]], None]] = {
     PrimaryChecked: Session._on_primary_checked,
     PrimaryDown: Session._on_primary_down,
     BackendStale: Session._on_backend_stale,
+    OverMemory: Session._on_over_memory,
     Shutdown: Session._on_shutdown,
 }

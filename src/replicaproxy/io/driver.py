@@ -34,6 +34,7 @@ from replicaproxy.core.events import (
     Finished,
     IdleTimeout,
     MarkStale,
+    OverMemory,
     PauseReading,
     PrimaryChecked,
     PrimaryDown,
@@ -82,6 +83,7 @@ class SessionHost(Protocol):
     def address_of(self, name: str) -> Address: ...
     def tls_of(self, name: str) -> ClientTls | None: ...
     def write_limit(self, name: str) -> int | None: ...
+    def memory_of(self, name: str) -> MemoryBudget | None: ...
     def connected(self, name: str, seconds: float) -> None: ...
     def mark_stale(self, name: str, reason: str, sid: int) -> None: ...
     def promote_failed(
@@ -127,6 +129,49 @@ class Flusher:
         dirty, self._dirty = self._dirty, set()
         for driver in dirty:
             driver.flush()
+
+
+class MemoryBudget:
+    """The input held in the proxy for one replica or shadow over all its sessions.
+
+    Each session adds what it holds for the backend as it measures it (when a batch is
+    written out, on the next tick while a write buffer is not empty, on the server's
+    tick, and per chunk only off the hot path, while a replica connects) and takes it
+    back when that shrinks or the connection goes: an integer add per measurement,
+    nothing per chunk on the hot path. Past ``limit``
+    ``over(name)`` is called at once (the event loop may read a great deal more before
+    a callback scheduled for later runs), and again only after :meth:`rearm`. It may
+    be called from inside a session's flush: the drivers queue what it feeds them
+    while they are busy.
+    """
+
+    def __init__(self, name: str, limit: int, over: Callable[[str], None]) -> None:
+        self.name = name
+        self.limit = limit
+        #: Bytes held for the backend, over all sessions, as last measured.
+        self.held = 0
+        self.tripped = False
+        self._over = over
+
+    def add(self, n: int) -> None:
+        """A session holds ``n`` bytes more for the backend (fewer, when negative)."""
+        held = self.held + n
+        self.held = held
+        if n > 0 and held > self.limit and not self.tripped:
+            self.tripped = True
+            self._over(self.name)
+
+    def rearm(self) -> None:
+        """The backend left its sessions: the next time past ``limit`` counts again."""
+        self.tripped = False
+
+
+class _Share:
+    """What one session holds for one backend's :class:`MemoryBudget`, as last measured."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.held = 0
 
 
 class SessionDriver:
@@ -186,11 +231,21 @@ class SessionDriver:
         self._out = 0
         self._primary_name: str | None = None  # (None: ask checked() first; it knows)
         self._frames = False  # client bytes go through the session's framer first
+        #: The replicas' and shadows' memory budgets, and what this session holds of each.
+        self._shares: dict[str, _Share] = {}
+        #: A share was charged with a write buffer not yet empty: the next tick measures
+        #: it again (it may have gone out since, with nothing more to write).
+        self._unmeasured = False
 
     # ---------------------------------------------------------------- events
 
     def start(self) -> None:
         """Begin the session: connect the upstreams, arm the idle timer."""
+        primary = self.session.primary
+        for name in self.session.members:
+            budget = self.host.memory_of(name) if name != primary else None
+            if budget is not None:
+                self._shares[name] = _Share(budget)
         if self._idle_timeout > 0:
             self._idle_handle = self.loop.call_later(
                 self._idle_timeout / IDLE_CHECKS, self._check_idle
@@ -271,14 +326,68 @@ class SessionDriver:
         """The view says replica ``name`` is stale: it leaves the session."""
         self.feed(BackendStale(name, reason))
 
+    def over_memory(self, name: str, reason: str) -> bool:
+        """``name``'s memory budget is spent: it leaves the session (if it is a replica or
+        shadow here). Whether it was taking part until now."""
+        if name not in self._shares:
+            return False  # the session's primary, or not in it at all
+        was = self.session.in_session(name)
+        self.feed(OverMemory(name, reason))
+        return was
+
+    def measure(self, name: str) -> int:
+        """Input for ``name`` not yet handed to its socket (held in the session, batched,
+        or in the write buffer); its memory budget is brought up to date with it."""
+        t = self._transports.get(name)
+        held = self.session.held(name) + (t.get_write_buffer_size() if t is not None else 0)
+        held += sum(len(c) for c in self._deferred.get(name, ()))
+        share = self._shares.get(name)
+        if share is not None:  # (a connection that is closing still holds its buffer)
+            self._charge(share, held)
+        return held
+
+    def _measure_shares(self) -> None:
+        """Charge every share with what the session and the write buffer hold for it."""
+        s = self.session
+        # (A copy: going past a budget makes backends leave, and let go of their share.)
+        for name, share in list(self._shares.items()):
+            t = self._transports.get(name)
+            buffered = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+            self._charge(share, s.held(name) + buffered)
+
+    def _charge(self, share: _Share, held: int) -> None:
+        """This session holds ``held`` bytes for ``share``'s backend now."""
+        change = held - share.held
+        if change:
+            share.held = held
+            share.budget.add(change)
+
+    def _release(self, name: str) -> None:
+        """Nothing is held for ``name`` in this session any more, nor will be (its
+        connection is gone, or cut: a closed transport may still report its old size)."""
+        share = self._shares.pop(name, None)
+        if share is not None and share.held:
+            self._charge(share, 0)
+
     # --------------------------------------------------------------- actions
 
     def flush(self, target: str | None = None) -> None:
-        """Write out the batched input of ``target`` (of every upstream: None)."""
+        """Write out the batched input of ``target`` (of every upstream: None).
+
+        Each backend's memory budget is charged with what its write buffer holds after
+        the batch (what the socket did not take): at once, so that a backend that takes
+        nothing is seen within a batch per session, however much the event loop reads
+        in one round. A buffer left non-empty is measured again on the next tick (it
+        may have gone out since, and the session may have nothing more to write); after
+        that, the server's tick measures it once a second.
+        """
         if target is None:
             self._marked = False
             self._batch_bytes = 0
             names = list(self._deferred)
+            if self._unmeasured:
+                self._unmeasured = False
+                self._measure_shares()
         else:
             names = [target]
         for name in names:
@@ -290,6 +399,14 @@ class SessionDriver:
             t = self._transports.get(name)
             if t is not None and not t.is_closing():
                 t.writelines(batch)
+                share = self._shares.get(name)
+                if share is not None and not t.is_closing():
+                    held = self.session.held(name) + t.get_write_buffer_size()
+                    self._charge(share, held)
+                    if held:
+                        self._unmeasured = True
+        if self._unmeasured and not self._marked and self._flusher is not None:
+            self._mark()  # (measured again on the next tick: it may have gone out since)
 
     def preamble(self, data: bytes) -> None:
         """The client's first bytes, while they may be for the proxy itself.
@@ -381,6 +498,10 @@ class SessionDriver:
                 self._queue.append(ClientData(data))
             else:
                 self._dispatch(self.session.handle, ClientData(data))
+                if self._shares:
+                    # Off the hot path (a replica still connecting, say): what the session
+                    # holds for it counts at once, as a write buffer does.
+                    self._measure_shares()
             return
         if self._frames:
             self.session.frame_input(data)
@@ -528,6 +649,7 @@ class SessionDriver:
                 dropped.clear()
             self._batched.discard(action.target)
             self._abort(action.target)
+            self._release(action.target)  # (an abort drops the write buffer)
         elif isinstance(action, StartTimer):
             old = self._timers.pop(action.timer, None)
             if old is not None:
@@ -544,6 +666,7 @@ class SessionDriver:
         elif isinstance(action, Promote):
             self.flush(action.name)  # a primary's input is never held back
             self._batched.discard(action.name)
+            self._release(action.name)  # nor counted against a budget
             t = self._transports.get(action.name)
             if t is not None:
                 t.set_write_buffer_limits()  # a primary's limits: it sets the client's pace
@@ -615,6 +738,7 @@ class SessionDriver:
             except OSError as exc:
                 reason = describe_error(exc)
                 if exc.errno in LOCAL_ERRNOS:
+                    self._release(name)
                     self.feed(UpstreamConnectFailed(name, reason, local=True))
                     return
                 if (
@@ -625,6 +749,7 @@ class SessionDriver:
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
+            self._release(name)  # (input held for it in the session is dropped)
             self.feed(UpstreamConnectFailed(name, reason))
             return
         else:  # pragma: no cover - the loop always breaks or returns
@@ -646,11 +771,14 @@ class SessionDriver:
             t = self._transports.get(name)
             if t is not None:
                 t.abort()
+            self._release(name)
             self.feed(UpstreamClosed(name, None))
 
     def _finish(self, outcome: str) -> None:
         if self._flusher is not None:
             self._flusher.forget(self)
+        for name in list(self._shares):
+            self._release(name)
         self._marked = True  # nothing is held back any more, nor will be
         self._batch_bytes = 0
         for chunks in self._deferred.values():
@@ -674,17 +802,15 @@ class SessionDriver:
             t.abort()
         self._finish(outcome)
 
-    def pending(self, name: str) -> int:
-        """Input for ``name`` not yet handed to its socket: held, or in the write buffer."""
-        t = self._transports.get(name)
-        buffered = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
-        deferred = sum(len(c) for c in self._deferred.get(name, ()))
-        return self.session.held(name) + buffered + deferred
-
     # ------------------------------------------------- called by the protocols
 
     def attach(self, name: str, transport: asyncio.Transport) -> None:
         self._transports[name] = transport
+
+    def lost(self, name: str, exc: Exception | None) -> None:
+        """``name``'s connection is gone, and what its write buffer held with it."""
+        self._release(name)
+        self.feed(UpstreamClosed(name, _describe(exc)))
 
 
 def _half_close(transport: asyncio.BaseTransport) -> bool:
@@ -761,7 +887,7 @@ class UpstreamProtocol(asyncio.Protocol):
         return self._keep_open  # we may still have input to send it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.driver.feed(UpstreamClosed(self.name, _describe(exc)))
+        self.driver.lost(self.name, exc)
 
     def pause_writing(self) -> None:
         self.driver.feed(WriteBlocked(self.name))
