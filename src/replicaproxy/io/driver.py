@@ -606,7 +606,10 @@ class SessionDriver:
         if target in self._batched:
             self._deferred.setdefault(target, []).append(data)
             self._batch_bytes += len(data)  # (for each batched target: a bound, not a size)
-            if not self._marked:
+            if self._batch_bytes >= FLUSH_BYTES:
+                # (as on the hot path: input held while it connected may be megabytes)
+                self.flush()
+            elif not self._marked:
                 self._mark()
             return
         t = self._transports.get(target)
