@@ -90,6 +90,8 @@ TICK_SECONDS = 1.0
 ALIVE_RECHECK = 0.1
 #: PostgreSQL cancel keys kept at most (one per live session that logged in).
 MAX_CANCEL_KEYS = 100_000
+#: Distinct ``request`` labels of replicaproxy_allowed_differences before ``other``.
+MAX_REQUEST_LABELS = 200
 
 
 def _mib(count: int) -> str:
@@ -275,6 +277,7 @@ class Server:
         self._backend_tls: dict[str, ClientTls] = {}
         #: The client listener's handshakes ([proxy] tls_cert), from start.
         self._tls: TlsListener | None = None
+        self._request_labels: set[str] = set()  # (see _request_label)
         self._admin_tls: ssl.SSLContext | None = None
         self._loud_tls: Callable[[], None] | None = None  # puts the loop's handler back
 
@@ -1282,7 +1285,7 @@ class Server:
         if kind == "allowed":
             # Replies that differed as the rules allow (detail: the request): counted only.
             self._backend(name).allowed += 1
-            self.metrics.allowed_differences.labels(name, detail).inc()
+            self.metrics.allowed_differences.labels(name, self._request_label(detail)).inc()
             return
         if kind == "divergence":
             self._event("divergence", name, f"session {sid}: {detail}")
@@ -1352,6 +1355,22 @@ class Server:
                 answer(alive, error or "it accepts connections")
             except Exception:
                 log.exception("answering a check of %s failed", name)
+
+    def _request_label(self, request: str) -> str:
+        """A request as a metric label, from a bounded set: its command (``GET``,
+        ``CLIENT ID``, ``SELECT``), never its target or its text (an HTTP path or SQL
+        would make a series per request); past MAX_REQUEST_LABELS of them, ``other``."""
+        words = request.split(None, 2)
+        if not words:
+            return "other"
+        label = words[0].strip("'\"").upper()[:24]
+        if len(words) > 1 and words[1].isalpha() and words[1].isupper():
+            label += " " + words[1][:24]  # (a subcommand: CLIENT ID, COMMAND DOCS)
+        if label not in self._request_labels:
+            if len(self._request_labels) >= MAX_REQUEST_LABELS:
+                return "other"
+            self._request_labels.add(label)
+        return label
 
     def cancel(self, key: bytes, peer: str) -> None:
         """A client's PostgreSQL CancelRequest for ``key`` (the one it got at login):
