@@ -46,7 +46,7 @@ from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
 from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
 from replicaproxy.io.handshake import TlsListener, quiet_tls_reports
-from replicaproxy.logutil import RateLimited, describe_error, one_line
+from replicaproxy.logutil import AccessLog, RateLimited, describe_error, one_line
 from replicaproxy.metrics import Metrics
 from replicaproxy.protocols import Protocols
 from replicaproxy.store import (
@@ -76,8 +76,6 @@ log = logging.getLogger(__name__)
 class StartError(Exception):
     """The proxy cannot start (an address in use, say); the message says what and why."""
 
-
-access_log = logging.getLogger("replicaproxy.access")
 
 #: Events kept for the status page and ``ctl events``: a few screens' worth.
 EVENTS_KEPT = 200
@@ -259,6 +257,10 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         self._ratelimit = RateLimited(schedule=_call_later)
+        self._access_log = AccessLog(
+            logging.getLogger("replicaproxy.access"),
+            ("session", "client", "duration", "from_client", "to_client", "backends", "outcome"),
+        )
         self.protocols = Protocols(config)
         self._learning: asyncio.Task[None] | None = None
         #: Sessions waiting to hear whether a backend is alive (CheckPrimary), by backend.
@@ -1352,25 +1354,22 @@ class Server:
         elif outcome in ("refused", "overloaded"):
             # No primary could be had, or this machine ran out of descriptors.
             self.metrics.refused.labels("no_primary" if outcome == "refused" else outcome).inc()
-        access_log.info(
-            "session %d client=%s duration=%.3fs from_client=%d to_client=%d backends=%s "
-            "outcome=%s%s%s",
-            driver.sid,
-            driver.peer,
-            duration,
-            s.received,
-            s.delivered,
-            ",".join(s.members),
-            outcome,
-            f" promoted={s.promoted}" if s.promoted else "",
-            f" takeovers={s.takeovers}" if s.takeovers else "",
-            extra={
+        if not self._access_log.enabled():
+            return
+        members = s.members
+        self._access_log.log(
+            f"session {driver.sid} client={driver.peer} duration={duration:.3f}s "
+            f"from_client={s.received} to_client={s.delivered} backends={','.join(members)} "
+            f"outcome={outcome}"
+            + (f" promoted={s.promoted}" if s.promoted else "")
+            + (f" takeovers={s.takeovers}" if s.takeovers else ""),
+            {
                 "session": driver.sid,
                 "client": driver.peer,
                 "duration": round(duration, 6),
                 "from_client": s.received,
                 "to_client": s.delivered,
-                "backends": s.members,
+                "backends": members,
                 "outcome": outcome,
             },
         )
