@@ -832,7 +832,7 @@ class Server:
         return self._backend_tls.get(name)
 
     def connected(self, name: str, seconds: float) -> None:
-        self.metrics.connect_time.labels(name).observe(seconds)
+        self.metrics.connect_time_of(name).observe(seconds)
 
     def write_limit(self, name: str) -> int | None:
         """Replicas and shadows may hold ``replica_buffer`` bytes; the primary the default."""
@@ -1344,8 +1344,7 @@ class Server:
         if not self.sessions:
             self._idle.set()
         self.metrics.sessions_active.dec()
-        self._account(driver)
-        self._reported.pop(driver, None)
+        self._account(driver, last=True)
         s = driver.session
         duration = time.monotonic() - driver.started
         self.metrics.session_duration.observe(duration)
@@ -1376,11 +1375,17 @@ class Server:
 
     # ------------------------------------------------------ byte accounting
 
-    def _account(self, driver: SessionDriver) -> None:
-        """Add what a session moved since it was last counted to the totals."""
+    def _account(self, driver: SessionDriver, *, last: bool = False) -> None:
+        """Add what a session moved since it was last counted to the totals.
+
+        ``last``: the session ended; nothing of it is kept for the next count.
+        """
         driver.settle()
         s = driver.session
-        seen = self._reported.setdefault(driver, {})
+        if last:
+            seen = self._reported.pop(driver, None) or {}
+        else:
+            seen = self._reported.setdefault(driver, {})
         for name in s.members:
             to_now, from_now = s.fed(name) - s.held(name), s.out(name)
             to_was, from_was = seen.get(name, (0, 0))
@@ -1389,15 +1394,17 @@ class Server:
                 b = self._backend(name)
                 b.bytes_to += to_now - to_was
                 b.bytes_from += from_now - from_was
-                self.metrics.bytes.labels(name, "to_backend").inc(to_now - to_was)
-                self.metrics.bytes.labels(name, "from_backend").inc(from_now - from_was)
+                to_backend, from_backend = self.metrics.bytes_of(name)
+                to_backend.inc(to_now - to_was)
+                from_backend.inc(from_now - from_was)
         in_was, out_was = seen.get(CLIENT, (0, 0))
         if s.received != in_was or s.delivered != out_was:
             seen[CLIENT] = (s.received, s.delivered)
             self._client_bytes["from_client"] += s.received - in_was
             self._client_bytes["to_client"] += s.delivered - out_was
-            self.metrics.client_bytes.labels("from_client").inc(s.received - in_was)
-            self.metrics.client_bytes.labels("to_client").inc(s.delivered - out_was)
+            from_client, to_client = self.metrics.client_bytes_of()
+            from_client.inc(s.received - in_was)
+            to_client.inc(s.delivered - out_was)
 
     async def _tick(self) -> None:
         """Once a second: byte totals of live sessions, and each backend's lag."""
