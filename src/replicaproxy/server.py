@@ -44,7 +44,7 @@ from replicaproxy.core.events import CLIENT, PromoteResult
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
-from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver
+from replicaproxy.io.driver import ClientProtocol, Flusher, SessionDriver, Timers
 from replicaproxy.io.handshake import TlsListener, quiet_tls_reports
 from replicaproxy.logutil import AccessLog, RateLimited, describe_error, one_line
 from replicaproxy.metrics import Metrics
@@ -246,6 +246,7 @@ class Server:
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
         self._flusher = _flusher(config)
+        self._timers = Timers()  # every session's timers, on one of the loop's
         self._admin: Any = None
         self._running = False  # the store says this proxy runs on this view
         #: How the run before this one ended, as the state file said at start:
@@ -334,7 +335,7 @@ class Server:
         if client_tls is not None:
             self._tls = TlsListener(
                 client_tls,
-                lambda: ClientProtocol(self._accept),
+                lambda: ClientProtocol(self._accept, half_close=False),
                 self._handshake_failed,
                 admit=self._admit_handshake,
             )
@@ -811,7 +812,9 @@ class Server:
             connect_timeout=self.config.proxy.connect_timeout,
             idle_timeout=self.config.proxy.idle_timeout,
             flusher=self._flusher,
+            timers=self._timers,
             preamble=self.protocols.preamble,
+            peername=peer,
         )
         self.sessions.add(driver)
         self._by_sid[sid] = driver
