@@ -16,8 +16,8 @@ alike), several rounds, medians.
 With ``--baseline DIR`` (a checkout of another commit, e.g. from ``git worktree add``)
 each replicaproxy setup also runs from ``DIR/src``, as ``rp1@base`` and so on, in the
 same rounds: a change measured against what it changed, side by side. With
-``--replica-flush 20ms`` the replicaproxy and tee setups batch a replica's input on a
-tick of that length instead of their default 5 ms.
+``--replica-flush 5ms`` the replicaproxy and tee setups batch a replica's input on a
+tick of that length instead of their default 20 ms.
 
 Results: a markdown table on stdout and ``bench/results/{latest,quick}.{md,json,png}``
 (a run of a subset writes ``partial.*``, a run with a baseline ``compare.*``). Never an
@@ -78,7 +78,7 @@ PROXIES = {
 }
 #: The workloads the resp setups run: what Redis answers (the sink speaks no RESP).
 RESP_WORKLOADS = {"rr", "p16", "lat"}
-#: Replicas of each reference setup (tee.py: a bare forwarder, a 5 ms replica tick).
+#: Replicas of each reference setup (tee.py: a bare forwarder, a 20 ms replica tick).
 TEES = {"tee0": 0, "tee1": 1}
 #: The workloads the reference setups run: they hold unbounded batches, so no bulk.
 TEE_WORKLOADS = {"rr", "p16", "churn"}
@@ -567,7 +567,7 @@ class Outcome:
     #: The --baseline checkout ("": none) and its commit.
     baseline: str = ""
     baseline_commit: str = ""
-    #: --replica-flush ("": each setup's default, 5 ms).
+    #: --replica-flush ("": each setup's default, 20 ms).
     replica_flush: str = ""
 
     def get(self, setup: str, work: str, key: str) -> float | None:
@@ -1109,12 +1109,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--replica-flush",
         metavar="MS",
         default="",
-        help="the replica tick of replicaproxy and tee setups, e.g. 20ms (default: 5ms); "
+        help="the replica tick of replicaproxy and tee setups, e.g. 5ms (default: 20ms); "
         "the results go to partial.* (compare.* with --baseline)",
     )
     args = parser.parse_args(argv)
     if args.replica_flush and not re.fullmatch(r"\d+(\.\d+)?ms", args.replica_flush):
-        parser.error(f"--replica-flush: {args.replica_flush!r} is not milliseconds, e.g. 20ms")
+        parser.error(f"--replica-flush: {args.replica_flush!r} is not milliseconds, e.g. 5ms")
     for opt, known in (("only", SETUPS), ("workloads", tuple(WORKLOADS))):
         chosen = [x for x in getattr(args, opt).split(",") if x]
         bad = [x for x in chosen if x not in known]

@@ -136,7 +136,14 @@ def cli() -> None:
 @click.option(
     "--shadow", "shadows", metavar="HOST:PORT", multiple=True, help="Add a shadow (repeatable)."
 )
-@click.option("--mode", cls=Once, type=click.Choice(["async", "sync"]), help="Replication mode.")
+@click.option(
+    "--mode",
+    cls=Once,
+    type=click.Choice(["async", "sync"]),
+    help="async (the default): the client gets the primary's reply at once, and a "
+    "replica's input lags by at most replica_flush (20 ms, a key of the config file) plus "
+    "the write; sync: a reply reaches the client once every in-sync replica produced it.",
+)
 @click.option(
     "--protocol",
     cls=Once,
