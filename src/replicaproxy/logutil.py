@@ -227,11 +227,14 @@ class AccessLog:
     """The access log: one INFO line per session on ``logger``, made cheaply.
 
     ``Logger.info`` finds out a record's every attribute anew and formats the
-    message from its arguments; for the one line every session writes that was most
-    of what logging it cost. Here each record is a copy of one made at the start,
-    with the time, the message and the session's ``fields`` put in, handed to
-    ``Logger.handle``: the logger's level, filters and handlers apply as to any
-    record, and the fields are attributes of it as ``extra`` would make them.
+    message from its arguments, and the record then passes the logger's filters,
+    each logger up to the root, the handler's lock and its copy of the record: for
+    the one line every session writes that was most of what logging it cost. Here
+    each record is a copy of one made at the start with the time, the message and
+    the session's ``fields`` put in (attributes, as ``extra`` makes them). Where the
+    record would reach nothing but the proxy's own queue handler (no filter, no other
+    handler on the way: the proxy's setup), it goes on that queue at once; else it is
+    handed to ``Logger.handle``, like any record.
     """
 
     def __init__(self, logger: logging.Logger, fields: tuple[str, ...]) -> None:
@@ -239,7 +242,7 @@ class AccessLog:
         first = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, "", (), None)
         # Every key a record gets is in the template already: a copy of it then takes
         # them without growing (as good as a third of the cost).
-        self._template = {**first.__dict__, **dict.fromkeys(fields)}
+        self._template = {**first.__dict__, **dict.fromkeys(fields), "message": ""}
         # When logging started, in ms: relativeCreated counts from there.
         self._start_ms = first.created * 1e3 - first.relativeCreated
 
@@ -250,14 +253,36 @@ class AccessLog:
         """Log ``message`` with ``fields`` (those named at the start) as attributes."""
         ct = time.time_ns()
         attrs = self._template.copy()
-        attrs["msg"] = message
+        attrs["msg"] = attrs["message"] = message
         attrs["created"] = ct / 1e9
         attrs["msecs"] = (ct % 1_000_000_000) // 1_000_000 + 0.0
         attrs["relativeCreated"] = ct / 1e6 - self._start_ms
         attrs.update(fields)
         record = logging.LogRecord.__new__(logging.LogRecord)
         record.__dict__ = attrs
-        self.logger.handle(record)
+        queue_handler = self._only_handler()
+        if queue_handler is None:
+            self.logger.handle(record)
+        else:
+            record.args = None  # (as its prepare() leaves a record: the message is made)
+            queue_handler.enqueue(record)
+
+    def _only_handler(self) -> DroppingQueueHandler | None:
+        """The queue handler, if it is all an INFO record of ``logger`` reaches."""
+        found: DroppingQueueHandler | None = None
+        c: logging.Logger | None = self.logger
+        while c is not None:
+            if c.filters or c.disabled:
+                return None
+            for h in c.handlers:
+                if found is not None or type(h) is not DroppingQueueHandler or h.filters:
+                    return None
+                if h.level <= logging.INFO:
+                    found = h
+            if not c.propagate:
+                break
+            c = c.parent
+        return found
 
 
 def one_line(text: str) -> str:

@@ -154,3 +154,29 @@ def test_the_text_lines_are_those_of_a_plain_formatter() -> None:
         r.created = created
         r.msecs = (created % 1) * 1000
         assert ours.format(r) == plain.format(r)
+
+
+def test_the_access_log_takes_the_loggers_way_when_it_has_filters_or_other_handlers() -> None:
+    """Straight onto the queue only where nothing else would see the record."""
+    records = LogQueue()
+    log = logging.Logger("replicaproxy.access")
+    log.addHandler(DroppingQueueHandler(records))
+    access = AccessLog(log, ("outcome",))
+    log.addFilter(lambda r: vars(r)["outcome"] != "refused")
+    access.log("refused one", {"outcome": "refused"})
+    access.log("served one", {"outcome": "ok"})
+    assert [r.getMessage() for r in records.take()] == ["served one"]
+
+    class Kept(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append(record.getMessage())
+
+    kept = Kept()
+    log.addHandler(kept)
+    access.log("seen twice", {"outcome": "ok"})
+    assert [r.getMessage() for r in records.take()] == ["seen twice"]
+    assert kept.seen == ["seen twice"]
