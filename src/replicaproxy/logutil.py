@@ -166,10 +166,12 @@ class LogWriter:
                     h.handleError(record)
             return
         lines = []
+        formatter = h.formatter or logging.Formatter()
+        end = h.terminator
         for record in batch:
             try:
-                if h.filter(record):
-                    lines.append(h.format(record) + h.terminator)
+                if not h.filters or h.filter(record):  # (what h.handle would do)
+                    lines.append(formatter.format(record) + end)
             except Exception:
                 h.handleError(record)
         if not lines:
@@ -218,6 +220,19 @@ class LineFormatter(logging.Formatter):
             self._second = second
         msec_format = self.default_msec_format
         return msec_format % (self._stamp, record.msecs) if msec_format else self._stamp
+
+    def format(self, record: logging.LogRecord) -> str:
+        """What ``logging.Formatter.format`` makes, without asking which fields it uses."""
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        s = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            s = s + ("" if s[-1:] == "\n" else "\n") + record.exc_text
+        if record.stack_info:
+            s = s + ("" if s[-1:] == "\n" else "\n") + self.formatStack(record.stack_info)
+        return s
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return f"{record.asctime} {record.levelname} {record.name}: {record.message}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import threading
 
 from pythonjsonlogger.json import JsonFormatter
@@ -180,3 +181,13 @@ def test_the_access_log_takes_the_loggers_way_when_it_has_filters_or_other_handl
     access.log("seen twice", {"outcome": "ok"})
     assert [r.getMessage() for r in records.take()] == ["seen twice"]
     assert kept.seen == ["seen twice"]
+
+
+def test_the_text_lines_keep_tracebacks_and_stacks_as_a_plain_formatter_does() -> None:
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        raise ValueError("the cause")
+    except ValueError:
+        r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    r.stack_info = "Stack (most recent call last):\n  the stack"
+    assert LineFormatter().format(r) == plain.format(r)
