@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 # setup.py compiles these with mypyc; an editable install keeps the builds beside
 # them, so an edit means a new build (see src/replicaproxy/compiled.py).
-COMPILED := src/replicaproxy/core/session.py src/replicaproxy/core/framing.py \
+COMPILED := src/replicaproxy/core/events.py src/replicaproxy/core/session.py \
+	src/replicaproxy/core/framing.py \
 	src/replicaproxy/core/resp.py src/replicaproxy/core/http.py \
 	src/replicaproxy/core/postgres.py src/replicaproxy/core/memcached.py \
 	src/replicaproxy/io/driver.py

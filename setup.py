@@ -18,6 +18,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 COMPILED = [
+    "src/replicaproxy/core/events.py",
     "src/replicaproxy/core/session.py",
     "src/replicaproxy/core/framing.py",
     "src/replicaproxy/core/resp.py",

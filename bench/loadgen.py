@@ -9,7 +9,9 @@ so that their CPU is never counted as the proxy's and they get a fresh event loo
   (``bulk_sink.py``) to answer the count it received. Throughput is end to end: from the
   first write to the sink's acknowledgement.
 - ``churn PORT COUNT [--concurrency C]``: COUNT connections, C at a time, each
-  sending one Redis ``PING`` and waiting for ``+PONG`` before closing.
+  sending one Redis ``PING`` and waiting for ``+PONG`` before closing. (The churn
+  workload itself runs ``redis-benchmark -k 0``, which is faster than this and than
+  the proxies; this warms up a run that has no redis-benchmark workload.)
 - ``idle PORT COUNT [--concurrency C]``: opens COUNT connections, makes one
   ``PING`` round trip on each (so every session is fully set up, upstreams
   included), prints ``{"opened": COUNT}`` and holds them until stdin closes.

@@ -2,7 +2,8 @@
 
 ``python bench/tee.py PORT PRIMARY [REPLICA ...] [--flush MS]`` listens on
 127.0.0.1:PORT. Each client's bytes are written to the primary at once and added to
-a batch per replica; one shared tick (5 ms by default) writes every batch with
+a batch per replica; one shared tick (20 ms by default, replicaproxy's replica_flush)
+writes every batch with
 ``writelines``. The primary's replies go to the client; the replicas' are read and
 thrown away. With no replica it is a bare forwarder.
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("primary", type=int)
     parser.add_argument("replicas", type=int, nargs="*")
-    parser.add_argument("--flush", type=float, default=5.0, help="the tick in ms (default 5)")
+    parser.add_argument("--flush", type=float, default=20.0, help="the tick in ms (default 20)")
     args = parser.parse_args(argv)
     import uvloop
 

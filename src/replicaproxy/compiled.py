@@ -1,4 +1,4 @@
-"""Whether the data path (the session, its framers, its driver) runs compiled or as Python.
+"""Whether the data path (the session, its events, framers and driver) runs compiled or not.
 
 ``setup.py`` builds both modules with mypyc when it can, and the install falls back
 to pure Python when it cannot; both behave the same. In a source checkout installed
@@ -13,10 +13,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
-from replicaproxy.core import framing, http, memcached, postgres, resp, session
+from replicaproxy.core import events, framing, http, memcached, postgres, resp, session
 from replicaproxy.io import driver
 
-MODULES: tuple[ModuleType, ...] = (session, framing, resp, http, postgres, memcached, driver)
+MODULES: tuple[ModuleType, ...] = (
+    events,
+    session,
+    framing,
+    resp,
+    http,
+    postgres,
+    memcached,
+    driver,
+)
 
 
 def _built(module: ModuleType) -> Path | None:

@@ -188,9 +188,11 @@ class ProxyConfig:
     # in any order (a KEYS or SMEMBERS reply). Replies compared exactly need none of it.
     compare_window: int = 1024 * 1024
     # Async mode: replica and shadow input is written in batches every this often, which
-    # saves a system call per request and replica. 5 ms: a prototype at -c 50 measured
-    # CPU per request near plain forwarding with it; it bounds how far a replica lags.
-    replica_flush: float = 0.005
+    # saves a system call per request and replica, and bounds how far a replica's input
+    # lags behind the primary's (README "How far a replica lags"). 20 ms: one replica
+    # at 1.2x HAProxy's CPU per request and 0.9-1.0x its requests/s (bench/README.md,
+    # redis-benchmark -c 50), where 5 ms cost 1.4-1.6x; a person does not see 20 ms.
+    replica_flush: float = 0.02
     # Client allow-list (CIDRs, IPv4 and IPv6); empty: every client may connect.
     allow: tuple[IPNetwork, ...] = ()
     # Where the view is kept: "file:PATH" or "etcd://HOST:PORT[,HOST:PORT...]/PREFIX";

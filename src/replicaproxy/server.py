@@ -44,9 +44,9 @@ from replicaproxy.core.events import CLIENT, PromoteResult
 from replicaproxy.core.session import Limits, Member, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
-from replicaproxy.io.driver import ClientProtocol, Flusher, MemoryBudget, SessionDriver
+from replicaproxy.io.driver import ClientProtocol, Flusher, MemoryBudget, SessionDriver, Timers
 from replicaproxy.io.handshake import TlsListener, quiet_tls_reports
-from replicaproxy.logutil import RateLimited, describe_error, one_line
+from replicaproxy.logutil import AccessLog, RateLimited, describe_error, one_line
 from replicaproxy.metrics import Metrics
 from replicaproxy.protocols import Protocols
 from replicaproxy.store import (
@@ -76,8 +76,6 @@ log = logging.getLogger(__name__)
 class StartError(Exception):
     """The proxy cannot start (an address in use, say); the message says what and why."""
 
-
-access_log = logging.getLogger("replicaproxy.access")
 
 #: Events kept for the status page and ``ctl events``: a few screens' worth.
 EVENTS_KEPT = 200
@@ -258,6 +256,7 @@ class Server:
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
         self._flusher = _flusher(config)
+        self._timers = Timers()  # every session's timers, on one of the loop's
         self._admin: Any = None
         self._running = False  # the store says this proxy runs on this view
         #: How the run before this one ended, as the state file said at start:
@@ -269,6 +268,10 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         self._ratelimit = RateLimited(schedule=_call_later)
+        self._access_log = AccessLog(
+            logging.getLogger("replicaproxy.access"),
+            ("session", "client", "duration", "from_client", "to_client", "backends", "outcome"),
+        )
         self.protocols = Protocols(config)
         self._learning: asyncio.Task[None] | None = None
         #: Sessions waiting to hear whether a backend is alive (CheckPrimary), by backend.
@@ -343,7 +346,7 @@ class Server:
         if client_tls is not None:
             self._tls = TlsListener(
                 client_tls,
-                lambda: ClientProtocol(self._accept),
+                lambda: ClientProtocol(self._accept, half_close=False),
                 self._handshake_failed,
                 admit=self._admit_handshake,
             )
@@ -828,7 +831,9 @@ class Server:
             connect_timeout=self.config.proxy.connect_timeout,
             idle_timeout=self.config.proxy.idle_timeout,
             flusher=self._flusher,
+            timers=self._timers,
             preamble=self.protocols.preamble,
+            peername=peer,
         )
         self.sessions.add(driver)
         self._by_sid[sid] = driver
@@ -849,7 +854,7 @@ class Server:
         return self._backend_tls.get(name)
 
     def connected(self, name: str, seconds: float) -> None:
-        self.metrics.connect_time.labels(name).observe(seconds)
+        self.metrics.connect_time_of(name).observe(seconds)
 
     def write_limit(self, name: str) -> int | None:
         """Replicas and shadows may hold ``replica_buffer`` bytes; the primary the default."""
@@ -1427,8 +1432,7 @@ class Server:
         if not self.sessions:
             self._idle.set()
         self.metrics.sessions_active.dec()
-        self._account(driver)
-        self._reported.pop(driver, None)
+        self._account(driver, last=True)
         s = driver.session
         duration = time.monotonic() - driver.started
         self.metrics.session_duration.observe(duration)
@@ -1437,36 +1441,39 @@ class Server:
         elif outcome in ("refused", "overloaded"):
             # No primary could be had, or this machine ran out of descriptors.
             self.metrics.refused.labels("no_primary" if outcome == "refused" else outcome).inc()
-        access_log.info(
-            "session %d client=%s duration=%.3fs from_client=%d to_client=%d backends=%s "
-            "outcome=%s%s%s",
-            driver.sid,
-            driver.peer,
-            duration,
-            s.received,
-            s.delivered,
-            ",".join(s.members),
-            outcome,
-            f" promoted={s.promoted}" if s.promoted else "",
-            f" takeovers={s.takeovers}" if s.takeovers else "",
-            extra={
+        if not self._access_log.enabled():
+            return
+        members = s.members
+        self._access_log.log(
+            f"session {driver.sid} client={driver.peer} duration={duration:.3f}s "
+            f"from_client={s.received} to_client={s.delivered} backends={','.join(members)} "
+            f"outcome={outcome}"
+            + (f" promoted={s.promoted}" if s.promoted else "")
+            + (f" takeovers={s.takeovers}" if s.takeovers else ""),
+            {
                 "session": driver.sid,
                 "client": driver.peer,
                 "duration": round(duration, 6),
                 "from_client": s.received,
                 "to_client": s.delivered,
-                "backends": s.members,
+                "backends": members,
                 "outcome": outcome,
             },
         )
 
     # ------------------------------------------------------ byte accounting
 
-    def _account(self, driver: SessionDriver) -> None:
-        """Add what a session moved since it was last counted to the totals."""
+    def _account(self, driver: SessionDriver, *, last: bool = False) -> None:
+        """Add what a session moved since it was last counted to the totals.
+
+        ``last``: the session ended; nothing of it is kept for the next count.
+        """
         driver.settle()
         s = driver.session
-        seen = self._reported.setdefault(driver, {})
+        if last:
+            seen = self._reported.pop(driver, None) or {}
+        else:
+            seen = self._reported.setdefault(driver, {})
         for name in s.members:
             to_now, from_now = s.fed(name) - s.held(name), s.out(name)
             to_was, from_was = seen.get(name, (0, 0))
@@ -1475,15 +1482,17 @@ class Server:
                 b = self._backend(name)
                 b.bytes_to += to_now - to_was
                 b.bytes_from += from_now - from_was
-                self.metrics.bytes.labels(name, "to_backend").inc(to_now - to_was)
-                self.metrics.bytes.labels(name, "from_backend").inc(from_now - from_was)
+                to_backend, from_backend = self.metrics.bytes_of(name)
+                to_backend.inc(to_now - to_was)
+                from_backend.inc(from_now - from_was)
         in_was, out_was = seen.get(CLIENT, (0, 0))
         if s.received != in_was or s.delivered != out_was:
             seen[CLIENT] = (s.received, s.delivered)
             self._client_bytes["from_client"] += s.received - in_was
             self._client_bytes["to_client"] += s.delivered - out_was
-            self.metrics.client_bytes.labels("from_client").inc(s.received - in_was)
-            self.metrics.client_bytes.labels("to_client").inc(s.delivered - out_was)
+            from_client, to_client = self.metrics.client_bytes_of()
+            from_client.inc(s.received - in_was)
+            to_client.inc(s.delivered - out_was)
 
     async def _tick(self) -> None:
         """Once a second: byte totals of live sessions, each backend's lag, and what each

@@ -27,8 +27,9 @@ REPLICA_BUFFER_MIB = 1
 HEALTH = 'interval = 0.2\ntimeout = 0.3\nfall = 2\nrise = 1\nsend = "PING\\r\\n"\nexpect = "+PONG"'
 #: p99 with a replica being killed may be at most this many times p99 without one ...
 P99_FACTOR = 2.0
-#: ... plus this much: one 5 ms replica_flush tick, or one scheduler time slice (~4 ms) lost
-#: to the extra redis-server competing for the 2 cores, can land in the slowest 1 %.
+#: ... plus this much: the writes of a replica_flush tick, or one scheduler time slice
+#: (~4 ms) lost to the extra redis-server competing for the 2 cores, can land in the
+#: slowest 1 %.
 P99_SLACK = 0.005
 
 

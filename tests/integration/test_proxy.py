@@ -128,6 +128,40 @@ def test_replica_down_at_start_session_served_replica_stale() -> None:
         primary.wait_for(rf"conn {len(payload)} {digest_hex} eof")
 
 
+def test_a_replica_that_never_answers_a_connect_is_given_up_at_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    """A listener whose accept queue is full drops the SYN: the connect hangs until
+    connect_timeout, the replica is stale, and the primary serves the session."""
+    with socket.socket() as deaf:
+        deaf.bind((HOST, 0))
+        deaf.listen(0)
+        deaf_port = deaf.getsockname()[1]
+        with (
+            socket.create_connection((HOST, deaf_port)),  # its one place in the queue
+            sink("primary") as (_, p_port),
+            run_proxy(
+                config_text(
+                    tmp_path,
+                    [("p", p_port, "primary"), ("r", deaf_port, "replica")],
+                    extra="connect_timeout = 0.3",
+                    # (No health check fails twice meanwhile: the session finds it out.)
+                    health="interval = 60\ntimeout = 0.5\nfall = 2\nrise = 2",
+                )
+            ) as proxied,
+        ):
+            payload = b"nobody home"
+            with connect(proxied.port) as s:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                answer = recv_all(s)
+            digest_hex = hashlib.sha256(payload).hexdigest()
+            assert answer == f"{len(payload)} {digest_hex}\n".encode()
+            proxied.proc.wait_for(r"cannot connect to r \(.*\): no answer within 0.3 s")
+            proxied.proc.wait_for(r"replica r is now stale: connect failed: no answer within")
+            proxied.proc.wait_for(r"outcome=ok")
+
+
 def test_client_half_close_reaches_every_upstream_and_the_reply_comes_back() -> None:
     with (
         sink("primary") as (primary, p_port),

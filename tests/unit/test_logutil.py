@@ -5,12 +5,19 @@ from __future__ import annotations
 import io
 import json
 import logging
-import queue
+import sys
 import threading
 
 from pythonjsonlogger.json import JsonFormatter
 
-from replicaproxy.logutil import DroppingQueueHandler, LogWriter, one_line
+from replicaproxy.logutil import (
+    AccessLog,
+    DroppingQueueHandler,
+    LineFormatter,
+    LogQueue,
+    LogWriter,
+    one_line,
+)
 
 
 def record(msg: str) -> logging.LogRecord:
@@ -18,16 +25,14 @@ def record(msg: str) -> logging.LogRecord:
 
 
 def test_a_full_queue_drops_and_says_how_many_once_there_is_room() -> None:
-    records: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=2)
+    records = LogQueue(maxsize=2)
     handler = DroppingQueueHandler(records)
     for i in range(5):
         handler.handle(record(f"line {i}"))  # never blocks
     assert handler.dropped == 3
-    got = [records.get_nowait(), records.get_nowait()]
-    assert [r.getMessage() for r in got if r is not None] == ["line 0", "line 1"]
+    assert [r.getMessage() for r in records.take()] == ["line 0", "line 1"]
     handler.handle(record("line 5"))
-    note, after = records.get_nowait(), records.get_nowait()
-    assert note is not None and after is not None
+    note, after = records.take()
     assert note.levelno == logging.WARNING
     assert note.getMessage() == "3 log lines dropped: the log was not read for a while"
     assert after.getMessage() == "line 5"
@@ -48,12 +53,12 @@ class Blocked(logging.Handler):
 
 
 def test_the_writer_writes_in_order_and_stops_within_its_bound_when_stuck() -> None:
-    records: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=10)
+    records = LogQueue(maxsize=10)
     out = Blocked()
     writer = LogWriter(records, out)
     writer.start()
     for i in range(3):
-        records.put(record(f"line {i}"))
+        records.put_nowait(record(f"line {i}"))
     assert writer.stop(timeout=0.2) is False, "stuck: it must give up, not hang"
     out.go.set()
     assert writer.stop(timeout=5) is True
@@ -66,7 +71,7 @@ def test_one_line_escapes_control_characters_only() -> None:
 
 def logged_exception(formatter: logging.Formatter) -> str:
     """What a writer with ``formatter`` prints for ``log.exception`` through the queue."""
-    records: queue.Queue[logging.LogRecord | None] = queue.Queue()
+    records = LogQueue()
     out = io.StringIO()
     stream = logging.StreamHandler(out)
     stream.setFormatter(formatter)
@@ -95,3 +100,94 @@ def test_a_traceback_follows_its_text_line() -> None:
     assert first == "ERROR session 7: internal error"
     assert rest[0] == "Traceback (most recent call last):"
     assert rest[-1] == "ValueError: the cause"
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def test_lines_waiting_together_are_written_together_in_order() -> None:
+    records = LogQueue()
+    stream = CountingStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for i in range(500):
+        records.put_nowait(record(f"line {i}"))
+    writer = LogWriter(records, handler)
+    writer.start()
+    assert writer.stop(timeout=5)
+    assert stream.getvalue().splitlines() == [f"line {i}" for i in range(500)]
+    assert stream.writes == 1
+
+
+def test_the_access_log_writes_what_logger_info_would() -> None:
+    """Its records carry the message and the session's fields, as ``extra`` would make
+    them; the text and JSON lines are those of any other record."""
+    records = LogQueue()
+    log = logging.Logger("replicaproxy.access")
+    log.addHandler(DroppingQueueHandler(records))
+    fields = {"session": 7, "client": "127.0.0.1:5", "backends": ["p", "r"], "outcome": "ok"}
+    log.info("session 7 outcome=%s", "ok", extra=fields)
+    AccessLog(log, tuple(fields)).log("session 7 outcome=ok", fields)
+    ours, theirs = records.take()[::-1]
+    for formatter in (LineFormatter(), JsonFormatter("%(levelname)s %(name)s %(message)s")):
+        ours.created = theirs.created  # (the same instant, to compare the lines)
+        ours.msecs = theirs.msecs
+        assert formatter.format(ours) == formatter.format(theirs)
+    assert set(vars(ours)) == set(vars(theirs))
+    assert vars(ours)["backends"] == ["p", "r"]
+    quiet = logging.Logger("quiet", logging.WARNING)
+    assert not AccessLog(quiet, ()).enabled()
+
+
+def test_the_text_lines_are_those_of_a_plain_formatter() -> None:
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = LineFormatter()
+    for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_001.0):
+        r = record("hello %s")
+        r.args = ("there",)
+        r.created = created
+        r.msecs = (created % 1) * 1000
+        assert ours.format(r) == plain.format(r)
+
+
+def test_the_access_log_takes_the_loggers_way_when_it_has_filters_or_other_handlers() -> None:
+    """Straight onto the queue only where nothing else would see the record."""
+    records = LogQueue()
+    log = logging.Logger("replicaproxy.access")
+    log.addHandler(DroppingQueueHandler(records))
+    access = AccessLog(log, ("outcome",))
+    log.addFilter(lambda r: vars(r)["outcome"] != "refused")
+    access.log("refused one", {"outcome": "refused"})
+    access.log("served one", {"outcome": "ok"})
+    assert [r.getMessage() for r in records.take()] == ["served one"]
+
+    class Kept(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append(record.getMessage())
+
+    kept = Kept()
+    log.addHandler(kept)
+    access.log("seen twice", {"outcome": "ok"})
+    assert [r.getMessage() for r in records.take()] == ["seen twice"]
+    assert kept.seen == ["seen twice"]
+
+
+def test_the_text_lines_keep_tracebacks_and_stacks_as_a_plain_formatter_does() -> None:
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        raise ValueError("the cause")
+    except ValueError:
+        r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    r.stack_info = "Stack (most recent call last):\n  the stack"
+    assert LineFormatter().format(r) == plain.format(r)

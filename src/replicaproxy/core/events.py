@@ -6,7 +6,9 @@ never sees a socket, and the driver makes no decision of its own.
 
 Events and actions are plain slotted dataclasses, treated as immutable (not
 declared frozen: a frozen dataclass is about twice as slow to build, and the
-data path builds one or two per chunk).
+data path builds one or two per chunk). The module is compiled with the session
+and its driver (setup.py): a short session builds twenty or more of them, and a
+compiled class builds them without running Python code.
 
 Every endpoint of a session is named by a string: the client is ``CLIENT``, an
 upstream is the backend's name (names never contain ``<``).

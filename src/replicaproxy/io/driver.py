@@ -9,7 +9,9 @@ on anything else. ``OSError`` is caught here, at the edge, and becomes an event.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import math
 import ssl
 import time
 from collections import deque
@@ -75,6 +77,110 @@ FLUSH_BYTES = 64 * 1024
 #: Seconds a PostgreSQL client has for its TLS handshake after the proxy's ``S``: as
 #: long as on a TLS listener (io/handshake.py says why).
 HANDSHAKE_TIMEOUT = 10.0
+
+
+#: Cancelled timers kept in the heap at most, beyond as many as are live (see Timers).
+TIMERS_SLACK = 1024
+#: Timers due this close to now fire with those due now: uvloop's clock counts
+#: milliseconds, so one due 0.2 ms from now would only set the loop's timer again.
+TIMERS_RESOLUTION = 0.001
+
+
+class TimerEntry:
+    """One timer of :class:`Timers`; ``cancel()`` it as a handle of the loop's."""
+
+    __slots__ = ("callback", "cancelled", "timers")
+
+    def __init__(self, timers: Timers, callback: Callable[[], object]) -> None:
+        self.timers = timers
+        self.callback: Callable[[], object] | None = callback
+        self.cancelled = False  # (also once it fired)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback = None  # a cancelled entry in the heap keeps no session alive
+            self.timers.dropped()
+
+
+class Timers:
+    """The timers of every session, on one timer of the event loop.
+
+    A session sets at least three (its idle check, its connect's deadline, the
+    linger after it closes) and cancels nearly all of them. A timer of uvloop's costs
+    a handle and a libuv timer to set and more work again to cancel: with short
+    sessions, as much as a third of what the session's own code took. Here a timer
+    is an entry in a heap, the loop's one timer is set for the earliest, and a
+    cancelled entry is dropped when it comes up, or all of them at once when they are
+    most of the heap.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, TimerEntry]] = []
+        self._count = 0  # entries made so far (the heap's tie-breaker)
+        self._cancelled = 0  # cancelled entries still in the heap
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed = math.inf  # when _handle fires
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerEntry:
+        """Call ``callback`` in ``delay`` seconds, as ``loop.call_later`` would."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return self.call_at(loop.time() + delay, callback)
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> TimerEntry:
+        """Call ``callback`` at ``when`` (the loop's clock), as ``loop.call_at`` would."""
+        entry = TimerEntry(self, callback)
+        self._count += 1
+        heapq.heappush(self._heap, (when, self._count, entry))
+        if when < self._armed:
+            self._arm(when)
+        return entry
+
+    def dropped(self) -> None:
+        """An entry was cancelled; most of the heap cancelled: drop them."""
+        self._cancelled += 1
+        if self._cancelled > TIMERS_SLACK and self._cancelled * 2 > len(self._heap):
+            self._heap = [e for e in self._heap if not e[2].cancelled]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._armed = when
+        self._handle = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed = math.inf
+        loop = self._loop
+        assert loop is not None
+        heap = self._heap
+        end = loop.time() + TIMERS_RESOLUTION
+        last = self._count  # not those set meanwhile: a timer of 0 s fires next time
+        while heap and heap[0][0] <= end and heap[0][1] <= last:
+            entry = heapq.heappop(heap)[2]
+            callback = entry.callback
+            if entry.cancelled or callback is None:
+                self._cancelled -= 1
+                continue
+            entry.cancelled = True  # (fired: cancelling it now changes nothing)
+            entry.callback = None
+            try:
+                callback()
+            except Exception:  # like a handle of the loop's: logged, the others still fire
+                log.exception("timer callback %r failed", callback)
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+            self._cancelled -= 1
+        if heap and heap[0][0] < self._armed:
+            self._arm(heap[0][0])
 
 
 class SessionHost(Protocol):
@@ -187,19 +293,24 @@ class SessionDriver:
         connect_timeout: float,
         idle_timeout: float,
         flusher: Flusher | None = None,
+        timers: Timers | None = None,
         preamble: bool = False,
+        peername: object = None,
     ) -> None:
         self.sid = sid
         self.session = session
         self.host = host
         self.loop = asyncio.get_running_loop()
         self.started = time.monotonic()
-        peer = client.get_extra_info("peername")
+        # (The server has asked the transport already: each time is a system call.)
+        peer = client.get_extra_info("peername") if peername is None else peername
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._transports: dict[str, asyncio.Transport] = {CLIENT: client}
         self._to_client = (client,)
         self._connecting: dict[str, asyncio.Task[None]] = {}
-        self._timers: dict[Timer, asyncio.TimerHandle] = {}
+        self._expired: set[str] = set()  # connects whose connect_timeout passed
+        self._clock = timers if timers is not None else Timers()
+        self._timers: dict[Timer, TimerEntry] = {}
         self._queue: deque[Event] = deque()
         self._dispatching = False
         self._connect_timeout = connect_timeout
@@ -208,8 +319,8 @@ class SessionDriver:
         # clock per chunk (IDLE_CHECKS checks per idle_timeout: idle is seen within 1/4).
         self._seen_progress = 0
         self._quiet_since = self.loop.time()
-        self._idle_handle: asyncio.TimerHandle | None = None
-        self.finished = asyncio.Event()
+        self._idle_handle: TimerEntry | None = None
+        self._done = False  # the host was told the session finished
         self._flusher = flusher
         #: The client's first bytes while they may be for the proxy itself (PostgreSQL's
         #: SSLRequest, GSSENCRequest, CancelRequest); None once the session takes them.
@@ -247,7 +358,7 @@ class SessionDriver:
             if budget is not None:
                 self._shares[name] = _Share(budget)
         if self._idle_timeout > 0:
-            self._idle_handle = self.loop.call_later(
+            self._idle_handle = self._clock.call_later(
                 self._idle_timeout / IDLE_CHECKS, self._check_idle
             )
         self._run(self.session.start())
@@ -312,7 +423,9 @@ class SessionDriver:
             log.info("session %d: idle for %.1f s, closing", self.sid, now - self._quiet_since)
             self.feed(IdleTimeout())
             return
-        self._idle_handle = self.loop.call_later(self._idle_timeout / IDLE_CHECKS, self._check_idle)
+        self._idle_handle = self._clock.call_later(
+            self._idle_timeout / IDLE_CHECKS, self._check_idle
+        )
 
     def shutdown(self) -> None:
         """The server's grace period is over: end the session now."""
@@ -632,10 +745,7 @@ class SessionDriver:
             if t is not None and not t.is_closing():
                 t.resume_reading()
         elif isinstance(action, Connect):
-            name = action.name
-            task = self.loop.create_task(self._connect(name))
-            task.add_done_callback(lambda t: self._connect_done(name, t))
-            self._connecting[name] = task
+            self._start_connect(action.name)
         elif isinstance(action, WriteEof):
             self.flush(action.target)
             t = self._transports.get(action.target)
@@ -654,12 +764,7 @@ class SessionDriver:
             self._abort(action.target)
             self._release(action.target)  # (an abort drops the write buffer)
         elif isinstance(action, StartTimer):
-            old = self._timers.pop(action.timer, None)
-            if old is not None:
-                old.cancel()
-            self._timers[action.timer] = self.loop.call_later(
-                action.delay, self.feed, TimerFired(action.timer)
-            )
+            self._start_timer(action.timer, action.delay)
         elif isinstance(action, CancelTimer):
             handle = self._timers.pop(action.timer, None)
             if handle is not None:
@@ -690,6 +795,21 @@ class SessionDriver:
         else:
             raise TypeError(f"unknown action {action!r}")
 
+    # (Closures are made here, not in _do: a function that makes one gets an
+    # environment object on every call, and _do is called for every action.)
+
+    def _start_connect(self, name: str) -> None:
+        task = self.loop.create_task(self._connect(name))
+        task.add_done_callback(lambda t: self._connect_done(name, t))
+        self._connecting[name] = task
+
+    def _start_timer(self, timer: Timer, delay: float) -> None:
+        old = self._timers.pop(timer, None)
+        if old is not None:
+            old.cancel()
+        fired = TimerFired(timer)
+        self._timers[timer] = self._clock.call_later(delay, lambda: self.feed(fired))
+
     def _abort(self, target: str) -> None:
         t = self._transports.get(target)
         if t is not None:
@@ -714,27 +834,7 @@ class SessionDriver:
         delay = 0.05
         for attempt in range(1, CONNECT_TRIES + 1):
             try:
-                async with asyncio.timeout_at(deadline):
-                    if tls is None:
-                        transport, _ = await self.loop.create_connection(
-                            lambda: UpstreamProtocol(self, name), address.host, address.port
-                        )
-                    elif tls.preface:  # (PostgreSQL: TLS once it agreed to it)
-                        sock = await agreed_socket(address.host, address.port, tls.preface)
-                        transport, _ = await self.loop.create_connection(
-                            lambda: UpstreamProtocol(self, name),
-                            sock=sock,
-                            ssl=tls.context,
-                            server_hostname=tls.server_name,
-                        )
-                    else:
-                        transport, _ = await self.loop.create_connection(
-                            lambda: UpstreamProtocol(self, name),
-                            address.host,
-                            address.port,
-                            ssl=tls.context,
-                            server_hostname=tls.server_name,
-                        )
+                transport = await self._try_connect(name, address, tls, deadline)
                 break
             except TimeoutError:
                 reason = f"no answer within {self._connect_timeout} s"
@@ -765,6 +865,54 @@ class SessionDriver:
                 self._batched.add(name)
         self.feed(UpstreamConnected(name))
 
+    async def _try_connect(
+        self, name: str, address: Address, tls: ClientTls | None, deadline: float
+    ) -> asyncio.Transport:
+        """One try at connecting ``name``; TimeoutError at ``deadline``.
+
+        (What ``asyncio.timeout_at`` does, with a bare timer: a short session's connect
+        is a good part of its cost, and that context manager is Python code.)
+        """
+        expiry = self._clock.call_at(deadline, lambda: self._connect_expired(name))
+        try:
+            if tls is None:
+                transport, _ = await self.loop.create_connection(
+                    lambda: UpstreamProtocol(self, name), address.host, address.port
+                )
+            elif tls.preface:  # (PostgreSQL: TLS once it agreed to it)
+                sock = await agreed_socket(address.host, address.port, tls.preface)
+                transport, _ = await self.loop.create_connection(
+                    lambda: UpstreamProtocol(self, name, half_close=False),
+                    sock=sock,
+                    ssl=tls.context,
+                    server_hostname=tls.server_name,
+                )
+            else:
+                transport, _ = await self.loop.create_connection(
+                    lambda: UpstreamProtocol(self, name, half_close=False),
+                    address.host,
+                    address.port,
+                    ssl=tls.context,
+                    server_hostname=tls.server_name,
+                )
+        except asyncio.CancelledError:
+            task = self._connecting.get(name)
+            # Cancelled by the timer alone (not by an Abort as well): the time is up.
+            if name in self._expired and task is not None and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            expiry.cancel()
+            self._expired.discard(name)
+        return transport
+
+    def _connect_expired(self, name: str) -> None:
+        """connect_timeout passed while ``name`` was connecting."""
+        task = self._connecting.get(name)
+        if task is not None and not task.done():
+            self._expired.add(name)
+            task.cancel()
+
     def _connect_done(self, name: str, task: asyncio.Task[None]) -> None:
         self._connecting.pop(name, None)
         # Cancelled by an Abort (possibly before it even started, or after the
@@ -792,8 +940,8 @@ class SessionDriver:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
-        if not self.finished.is_set():
-            self.finished.set()
+        if not self._done:
+            self._done = True
             self.host.session_finished(self, outcome)
 
     def _teardown(self, outcome: str) -> None:
@@ -816,31 +964,31 @@ class SessionDriver:
         self.feed(UpstreamClosed(name, _describe(exc)))
 
 
-def _half_close(transport: asyncio.BaseTransport) -> bool:
-    """Whether a connection stays open, half-closed, after the peer's end of input.
-
-    Not over TLS: asyncio's TLS (uvloop's too) ends the whole connection at the peer's
-    close_notify whatever the protocol answers, and warns when told to keep it open.
-    """
-    return transport.get_extra_info("sslcontext") is None
-
-
 class ClientProtocol(asyncio.Protocol):
-    """The client side of a session. ``on_made`` builds the session's driver."""
+    """The client side of a session. ``on_made`` builds the session's driver.
 
-    def __init__(self, on_made: Callable[[asyncio.Transport], SessionDriver | None]) -> None:
+    ``half_close``: whether the connection stays open, half-closed, after the client's
+    end of input. Not over TLS: asyncio's TLS (uvloop's too) ends the whole connection
+    at the peer's close_notify whatever the protocol answers, and warns when told to
+    keep it open.
+    """
+
+    def __init__(
+        self,
+        on_made: Callable[[asyncio.Transport], SessionDriver | None],
+        half_close: bool = True,
+    ) -> None:
         self._on_made = on_made
         self.driver: SessionDriver | None = None
-        self._keep_open = True
+        self._keep_open = half_close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._keep_open = _half_close(transport)
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.driver = self._on_made(cast(asyncio.Transport, transport))
 
     def tls_started(self, transport: asyncio.Transport) -> None:
         """The connection now speaks TLS (PostgreSQL's SSLRequest): no half-close."""
-        self._keep_open = _half_close(transport)
+        self._keep_open = False
 
     def data_received(self, data: bytes) -> None:
         d = self.driver
@@ -869,17 +1017,16 @@ class ClientProtocol(asyncio.Protocol):
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """One upstream connection of a session."""
+    """One upstream connection of a session (``half_close``: as for ClientProtocol)."""
 
     __slots__ = ("_keep_open", "driver", "name")
 
-    def __init__(self, driver: SessionDriver, name: str) -> None:
+    def __init__(self, driver: SessionDriver, name: str, half_close: bool = True) -> None:
         self.driver = driver
         self.name = name
-        self._keep_open = True
+        self._keep_open = half_close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._keep_open = _half_close(transport)
         self.driver.attach(self.name, cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
