@@ -113,7 +113,8 @@ def test_pgbench_loses_no_transaction_when_the_primary_is_killed(tmp_path: Path,
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert steady.returncode == 0, steady.stdout + steady.stderr
-        assert px.states() == {"primary": "in_sync", "replica": "in_sync"}, "\n".join(px.proc.lines[-8:])
+        states = px.states()
+        assert states == {"primary": "in_sync", "replica": "in_sync"}, px.proc.lines[-8:]
         held = balances(rport)
         assert balances(pport) == held, "both clusters hold the same balances"
         run = subprocess.Popen(
