@@ -196,7 +196,11 @@ def test_adoption_p99_and_a_race_of_concurrent_promotions(tmp_path: Path) -> Non
                 new = [view_of(p)[0] for p in pxs]
                 assert len(set(new)) == 1, new
                 bumps.append(new[0] - epoch)
-                stored = [p for p in pxs if p.proc.count(rf"view epoch {new[0]}: switchover")]
+                switched = rf"view epoch {new[0]}: switchover"
+                # (the log is written a batch at a time: the line may follow the view)
+                wait_until(f"round {round_}: the switchover logged",
+                           lambda s=switched: any(p.proc.count(s) for p in pxs))  # fmt: skip
+                stored = [p for p in pxs if p.proc.count(switched)]
                 assert len(stored) == 1, f"round {round_}: stored by {len(stored)} proxies"
                 at = log_time(stored[0].proc.wait_for(rf".*view epoch {new[0]}: switchover")[0])
                 for p in pxs:
