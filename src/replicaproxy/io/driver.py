@@ -541,6 +541,8 @@ class SessionDriver:
             self._batch_bytes += len(data)  # (for each batched target: a bound, not a size)
             if not self._marked:
                 self._mark()
+            if self._batch_bytes >= FLUSH_BYTES:  # (as client_data does on the hot path)
+                self.flush()
             return
         t = self._transports.get(target)
         if t is not None and not t.is_closing():
