@@ -51,6 +51,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def _setup_logging(level: str, fmt: str = "text") -> None:
     """Log to stderr from a thread of its own: the event loop never waits on stderr."""
     handler = logging.StreamHandler(sys.stderr)
+    lines: LineFormatter | None = None  # (the text format's, for the access log's lines)
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
 
@@ -61,7 +62,8 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
             )
         )
     else:
-        handler.setFormatter(LineFormatter())
+        lines = LineFormatter()
+        handler.setFormatter(lines)
     # No format here shows a record's source line, thread or process: not finding them
     # out makes each record cheaper (the logging HOWTO's "Optimization").
     logging._srcfile = None
@@ -71,7 +73,9 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     records = LogQueue()
     writer = LogWriter(records, handler)
     root = logging.getLogger()
-    root.handlers[:] = [DroppingQueueHandler(records)]
+    queue_handler = DroppingQueueHandler(records)
+    queue_handler.lines = lines
+    root.handlers[:] = [queue_handler]
     root.setLevel(getattr(logging, level.upper()))
     writer.start()
     atexit.register(writer.stop)  # what is still queued at exit gets written

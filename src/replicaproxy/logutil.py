@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import queue
 import ssl
@@ -16,13 +17,22 @@ from replicaproxy.tls import ssl_message
 
 #: Log records waiting for the writer thread; past this, new ones are dropped.
 LOG_QUEUE = 10_000
-#: How long the writer lets lines gather once one is waiting, before it writes them all
-#: in one system call. Each time it wakes it takes the GIL from the event loop: one
-#: access line per session at 10,000 sessions/s woke it about once per line and cost
-#: more CPU than the sessions' own Python code. 20 ms bounds that to 50 times a
-#: second, and no one reading a log sees 20 ms.
-LOG_BATCH = 0.02
+#: The writer writes at most once per this many seconds, all the lines waiting in one
+#: system call; a line that comes after a quiet spell is written at once. Each write
+#: takes the GIL from the event loop: one access line per session, written one by one,
+#: cost more CPU than the sessions' own Python code at a thousand sessions a second.
+#: 5 ms: at most 200 writes a second, and no person (or test) reading the log waits
+#: for a line longer than that.
+LOG_BATCH = 0.005
 _TRACEBACK = logging.Formatter()  # (only its formatException is used)
+
+
+#: What waits for the writer: a record, or a line made already (see AccessLog).
+Entry = logging.LogRecord | str
+
+
+def _record(entry: Entry) -> logging.LogRecord:
+    return logging.makeLogRecord({"msg": entry}) if isinstance(entry, str) else entry
 
 
 class LogQueue:
@@ -35,10 +45,10 @@ class LogQueue:
 
     def __init__(self, maxsize: int = LOG_QUEUE) -> None:
         self.maxsize = maxsize
-        self._records: deque[logging.LogRecord] = deque()
+        self._records: deque[Entry] = deque()
         self._ready = threading.Event()  # set: a record came since the writer last looked
 
-    def put_nowait(self, record: logging.LogRecord) -> None:
+    def put_nowait(self, record: Entry) -> None:
         """Queue ``record``; ``queue.Full`` past ``maxsize`` (never blocks)."""
         if len(self._records) >= self.maxsize:
             raise queue.Full
@@ -54,7 +64,7 @@ class LogQueue:
         """Until a record is queued (or :meth:`wake` is called)."""
         self._ready.wait()
 
-    def take(self) -> list[logging.LogRecord]:
+    def take(self) -> list[Entry]:
         """Every record queued so far, oldest first."""
         # Cleared before draining: a record queued meanwhile either is drained here or
         # sets the flag again, so the next wait() returns.
@@ -79,6 +89,10 @@ class DroppingQueueHandler(logging.Handler):
         super().__init__()
         self.queue = records
         self.dropped = 0
+        #: The formatter the writer makes text lines with, when it is a LineFormatter
+        #: (set by whoever sets up the writer): the access log then queues its lines as
+        #: text, made by it. None: records only.
+        self.lines: LineFormatter | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -103,7 +117,7 @@ class DroppingQueueHandler(logging.Handler):
         prepared.exc_info = None
         return prepared
 
-    def enqueue(self, record: logging.LogRecord) -> None:
+    def enqueue(self, record: Entry) -> None:
         try:
             if self.dropped:
                 self.queue.put_nowait(self._dropped_note())
@@ -127,10 +141,10 @@ class DroppingQueueHandler(logging.Handler):
 class LogWriter:
     """The thread that writes queued records to ``handler``, a batch at a time.
 
-    Once a record is queued it waits ``batch`` seconds for more, then writes them
-    all; to a ``StreamHandler``'s stream in one write. (``QueueListener`` writes
-    each record on its own, and its ``stop`` waits without a bound: a stuck stderr
-    would then hang the proxy's exit.)
+    It writes every record waiting, to a ``StreamHandler``'s stream in one write, and
+    then at most once per ``batch`` seconds: records that come sooner wait for the
+    rest of it. (``QueueListener`` writes each record on its own, and its ``stop``
+    waits without a bound: a stuck stderr would then hang the proxy's exit.)
     """
 
     def __init__(
@@ -146,20 +160,25 @@ class LogWriter:
         self._thread.start()
 
     def _write(self) -> None:
+        written = -math.inf  # when the last batch was written (time.monotonic())
         while True:
             self.records.wait()
-            self._stopping.wait(self.batch)  # let more lines come (not when stopping)
+            pause = written + self.batch - time.monotonic()
+            if pause > 0:
+                self._stopping.wait(pause)  # let more lines come (not when stopping)
             stopping = self._stopping.is_set()
             batch = self.records.take()
             if batch:
                 self._emit(batch)
+                written = time.monotonic()
             if stopping and not self.records.qsize():
                 return
 
-    def _emit(self, batch: list[logging.LogRecord]) -> None:
+    def _emit(self, batch: list[Entry]) -> None:
         h = self.handler
         if not isinstance(h, logging.StreamHandler):
-            for record in batch:
+            for entry in batch:
+                record = _record(entry)
                 try:
                     h.handle(record)
                 except Exception:  # the writer must outlive a bad record
@@ -168,12 +187,15 @@ class LogWriter:
         lines = []
         formatter = h.formatter or logging.Formatter()
         end = h.terminator
-        for record in batch:
+        for entry in batch:
+            if isinstance(entry, str):
+                lines.append(entry + end)
+                continue
             try:
-                if not h.filters or h.filter(record):  # (what h.handle would do)
-                    lines.append(formatter.format(record) + end)
+                if not h.filters or h.filter(entry):  # (what h.handle would do)
+                    lines.append(formatter.format(entry) + end)
             except Exception:
-                h.handleError(record)
+                h.handleError(entry)
         if not lines:
             return
         h.acquire()
@@ -181,7 +203,7 @@ class LogWriter:
             h.stream.write("".join(lines))
             h.flush()
         except Exception:
-            h.handleError(batch[-1])
+            h.handleError(_record(batch[-1]))
         finally:
             h.release()
 
@@ -208,18 +230,27 @@ class LineFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self._second = -1
-        self._stamp = ""
+        # The last second's date and time, one tuple: the writer thread and the access
+        # log (on the event loop's) both use it.
+        self._stamp = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
+        return self._time(record.created, record.msecs)
+
+    def _time(self, created: float, msecs: float) -> str:
+        second, stamp = self._stamp
+        if int(created) != second:
+            stamp = time.strftime(self.default_time_format, self.converter(created))
+            self._stamp = (int(created), stamp)
         msec_format = self.default_msec_format
-        return msec_format % (self._stamp, record.msecs) if msec_format else self._stamp
+        return msec_format % (stamp, msecs) if msec_format else stamp
+
+    def line(self, created_ns: int, levelname: str, name: str, message: str) -> str:
+        """The line of a record of ``name`` made at ``created_ns`` (time.time_ns())."""
+        when = self._time(created_ns / 1e9, (created_ns % 1_000_000_000) // 1_000_000 + 0.0)
+        return f"{when} {levelname} {name}: {message}"
 
     def format(self, record: logging.LogRecord) -> str:
         """What ``logging.Formatter.format`` makes, without asking which fields it uses."""
@@ -267,6 +298,12 @@ class AccessLog:
     def log(self, message: str, fields: dict[str, object]) -> None:
         """Log ``message`` with ``fields`` (those named at the start) as attributes."""
         ct = time.time_ns()
+        queue_handler = self._only_handler()
+        if queue_handler is not None and queue_handler.lines is not None:
+            # The writer would make this text of the record: no record, no fields (the
+            # text format shows none of them).
+            queue_handler.enqueue(queue_handler.lines.line(ct, "INFO", self.logger.name, message))
+            return
         attrs = self._template.copy()
         attrs["msg"] = attrs["message"] = message
         attrs["created"] = ct / 1e9
@@ -275,7 +312,6 @@ class AccessLog:
         attrs.update(fields)
         record = logging.LogRecord.__new__(logging.LogRecord)
         record.__dict__ = attrs
-        queue_handler = self._only_handler()
         if queue_handler is None:
             self.logger.handle(record)
         else:

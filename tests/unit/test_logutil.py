@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 import threading
 
@@ -24,15 +25,22 @@ def record(msg: str) -> logging.LogRecord:
     return logging.LogRecord("t", logging.INFO, __file__, 1, msg, None, None)
 
 
+def taken(records: LogQueue) -> list[logging.LogRecord]:
+    """What waits in ``records``: records (no line made already)."""
+    entries = records.take()
+    assert all(isinstance(e, logging.LogRecord) for e in entries), entries
+    return [e for e in entries if isinstance(e, logging.LogRecord)]
+
+
 def test_a_full_queue_drops_and_says_how_many_once_there_is_room() -> None:
     records = LogQueue(maxsize=2)
     handler = DroppingQueueHandler(records)
     for i in range(5):
         handler.handle(record(f"line {i}"))  # never blocks
     assert handler.dropped == 3
-    assert [r.getMessage() for r in records.take()] == ["line 0", "line 1"]
+    assert [r.getMessage() for r in taken(records)] == ["line 0", "line 1"]
     handler.handle(record("line 5"))
-    note, after = records.take()
+    note, after = taken(records)
     assert note.levelno == logging.WARNING
     assert note.getMessage() == "3 log lines dropped: the log was not read for a while"
     assert after.getMessage() == "line 5"
@@ -135,7 +143,7 @@ def test_the_access_log_writes_what_logger_info_would() -> None:
     fields = {"session": 7, "client": "127.0.0.1:5", "backends": ["p", "r"], "outcome": "ok"}
     log.info("session 7 outcome=%s", "ok", extra=fields)
     AccessLog(log, tuple(fields)).log("session 7 outcome=ok", fields)
-    ours, theirs = records.take()[::-1]
+    ours, theirs = taken(records)[::-1]
     for formatter in (LineFormatter(), JsonFormatter("%(levelname)s %(name)s %(message)s")):
         ours.created = theirs.created  # (the same instant, to compare the lines)
         ours.msecs = theirs.msecs
@@ -166,7 +174,7 @@ def test_the_access_log_takes_the_loggers_way_when_it_has_filters_or_other_handl
     log.addFilter(lambda r: vars(r)["outcome"] != "refused")
     access.log("refused one", {"outcome": "refused"})
     access.log("served one", {"outcome": "ok"})
-    assert [r.getMessage() for r in records.take()] == ["served one"]
+    assert [r.getMessage() for r in taken(records)] == ["served one"]
 
     class Kept(logging.Handler):
         def __init__(self) -> None:
@@ -179,7 +187,7 @@ def test_the_access_log_takes_the_loggers_way_when_it_has_filters_or_other_handl
     kept = Kept()
     log.addHandler(kept)
     access.log("seen twice", {"outcome": "ok"})
-    assert [r.getMessage() for r in records.take()] == ["seen twice"]
+    assert [r.getMessage() for r in taken(records)] == ["seen twice"]
     assert kept.seen == ["seen twice"]
 
 
@@ -191,3 +199,28 @@ def test_the_text_lines_keep_tracebacks_and_stacks_as_a_plain_formatter_does() -
         r = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
     r.stack_info = "Stack (most recent call last):\n  the stack"
     assert LineFormatter().format(r) == plain.format(r)
+
+
+def test_with_text_lines_the_access_log_queues_the_line_the_writer_would_make() -> None:
+    records = LogQueue()
+    log = logging.Logger("replicaproxy.access")
+    queue_handler = DroppingQueueHandler(records)
+    queue_handler.lines = formatter = LineFormatter()
+    log.addHandler(queue_handler)
+    fields = {"session": 7, "outcome": "ok"}
+    log.info("session 7 outcome=ok", extra=fields)
+    AccessLog(log, tuple(fields)).log("session 7 outcome=ok", fields)
+    theirs, ours = records.take()
+    assert isinstance(theirs, logging.LogRecord) and isinstance(ours, str)
+    made = formatter.format(theirs)
+    assert ours[23:] == made[23:], "the same line but for the time"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", ours[:23]), ours
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    records.put_nowait(ours)
+    records.put_nowait(theirs)
+    writer = LogWriter(records, handler)
+    writer.start()
+    assert writer.stop(timeout=5)
+    assert stream.getvalue() == f"{ours}\n{made}\n"
