@@ -558,3 +558,194 @@ def test_the_view_marking_the_primary_down_during_a_check_is_a_takeover() -> Non
     done = _pg_msg(b"C", b"SELECT 1\x00") + PG_READY
     h(UpstreamData(R, done))
     assert h.written[CLIENT] == pg_login(b"\x00\x00\x00\x01key1") + done
+
+
+# ------------------------------------------------------ HTTP: compared in place
+#
+# HTTP responses (and PostgreSQL replies) are compared in place, byte for byte,
+# and collected whole only from a difference on (Expect.in_place): the same
+# guarantees must hold wherever the difference falls and however bytes are cut.
+
+
+def _http(date: bytes, body: bytes, status: bytes = b"200 OK") -> bytes:
+    return b"HTTP/1.1 %s\r\nDate: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        status,
+        date,
+        len(body),
+        body,
+    )
+
+
+@st.composite
+def http_steps(draw: st.DrawFn) -> Step:
+    target = draw(st.sampled_from([b"/", b"/a", b"/items?x=1"]))
+    body = draw(st.binary(max_size=30))
+    status = draw(st.sampled_from([b"200 OK", b"404 Not Found"]))
+    ours = draw(st.sampled_from([b"Tue, 01 Dec 2026 10:00:00 GMT", b"1"]))
+    theirs = draw(st.sampled_from([ours, b"Tue, 01 Dec 2026 10:00:01 GMT", b"22"]))
+    request = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target
+    return request, _http(ours, body, status), _http(theirs, body, status)
+
+
+def _split_http(stream: bytes) -> tuple[list[bytes], bytes]:
+    """Whole responses (each with a Content-Length), and the start of one more."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(stream):
+        head = stream.find(b"\r\n\r\n", pos)
+        if head < 0:
+            break
+        length = int(stream[pos:head].split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        end = head + 4 + length
+        if end > len(stream):
+            break
+        out.append(stream[pos:end])
+        pos = end
+    return out, stream[pos:]
+
+
+def _schedule(script: list[Step], cuts: list[list[int]], order: random.Random) -> list[Any]:
+    """The client's and both servers' chunks in an order where no server answers a
+    request before the client sent it whole."""
+    requests = b"".join(s[0] for s in script)
+    ours = b"".join(s[1] for s in script)
+    theirs = b"".join(s[2] for s in script)
+    queues = {"c": _cut(requests, cuts[0]), P: _cut(ours, cuts[1]), R: _cut(theirs, cuts[2])}
+    sent = 0
+    events: list[tuple[str, bytes]] = []
+    answered = {P: 0, R: 0}
+    bounds = _reply_bounds(script)
+    while any(queues.values()):
+        ready = [k for k, q in queues.items() if q and (k == "c" or _may_answer(
+            answered[k], len(q[0]), bounds[k], sent, script))]  # fmt: skip
+        name = order.choice(sorted(ready))
+        chunk = queues[name].pop(0)
+        events.append((name, chunk))
+        if name == "c":
+            sent += len(chunk)
+        else:
+            answered[name] += len(chunk)
+    return events
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    script=st.lists(http_steps(), min_size=1, max_size=6),
+    cuts=st.lists(st.lists(st.integers(1, 40), max_size=12), min_size=3, max_size=3),
+    order=st.randoms(use_true_random=False),
+    crash_at=st.one_of(st.none(), st.integers(0, 40)),
+    crash=st.sampled_from(["reset", "down", "eof"]),
+    mode=st.sampled_from(["async", "sync"]),
+    hot=st.booleans(),
+)  # fmt: skip
+def test_http_responses_whose_date_differs_never_stop_replication_or_takeover(
+    script: list[Step],
+    cuts: list[list[int]],
+    order: random.Random,
+    crash_at: int | None,
+    crash: str,
+    mode: str,
+    hot: bool,
+) -> None:
+    """As for RESP: whatever the chunking, the order of events and where the primary
+    fails, a Date that differs (in value or in length) is no divergence, and the client
+    gets each response whole, once, in order, as one server or the other sent it."""
+    from replicaproxy.core.http import HttpFraming
+
+    h = connected(
+        (P, "primary"),
+        (R, "replica"),
+        framing=HttpFraming(frozenset({b"date"})),
+        hot=hot,
+        mode=mode,  # type: ignore[arg-type]
+    )
+    crashed = False
+    replica_sent = b""
+    for i, (name, chunk) in enumerate(_schedule(script, cuts, order)):
+        if crash_at is not None and i == crash_at and not crashed:
+            crashed = True
+            _crash(h, crash)
+        if name == "c":
+            h(ClientData(chunk))
+        elif not (crashed and name == P) and h.session.in_session(name):
+            h(UpstreamData(name, chunk))
+            if name == R:
+                replica_sent += chunk
+        _answer_checks(h)
+        if mode == "sync" and not crashed and h.session.matched(R) and h.session.in_session(R):
+            # Sync mode: no response reaches the client whole before the replica's.
+            seen, _ = _split_http(replica_sent)
+            delivered, _ = _split_http(bytes(h.written[CLIENT]))
+            assert len(delivered) <= len(seen), (delivered, replica_sent)
+    if crash_at is not None and not crashed:
+        crashed = True
+        _crash(h, crash)
+    if crashed and not h.session.finished and h.session.primary == P:
+        h(TimerFired(Timer.PRIMARY_EOF))
+        _answer_checks(h)
+    replies, tail = _split_http(bytes(h.written[CLIENT]))
+    assert not h.reports("divergence"), h.reports("divergence")
+    assert not h.stale()
+    for i, reply in enumerate(replies):
+        assert reply in (script[i][1], script[i][2]), (i, reply, script[i])
+    if tail:
+        assert h.session.outcome == "primary_failed", (tail, h.session.outcome)
+        n = len(replies)
+        assert script[n][1].startswith(tail) or script[n][2].startswith(tail)
+    else:
+        assert h.session.primary == R or not crashed, "the replica took over"
+        assert len(replies) == len(script), "every reply arrives"
+    if not crashed:
+        differing = sum(1 for _, ours, theirs in script if ours != theirs)
+        assert len(h.reports("allowed")) == differing
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    script=st.lists(http_steps(), min_size=1, max_size=5),
+    bad=st.integers(0, 4),
+    flip=st.integers(0, 1000),
+    cuts=st.lists(st.lists(st.integers(1, 40), max_size=12), min_size=3, max_size=3),
+    order=st.randoms(use_true_random=False),
+    mode=st.sampled_from(["async", "sync"]),
+    hot=st.booleans(),
+)  # fmt: skip
+def test_an_http_response_that_differs_outside_its_date_is_a_divergence(
+    script: list[Step],
+    bad: int,
+    flip: int,
+    cuts: list[list[int]],
+    order: random.Random,
+    mode: str,
+    hot: bool,
+) -> None:
+    """A replica's response that differs anywhere but in Date (status, a header, one
+    body byte) is a divergence and the replica stale, wherever the chunks are cut."""
+    from replicaproxy.core.http import HttpFraming
+
+    bad %= len(script)
+    request, ours, theirs = script[bad]
+    body = ours[ours.index(b"\r\n\r\n") + 4 :]
+    date = theirs.split(b"Date: ")[1].split(b"\r\n")[0]
+    if body:
+        at = flip % len(body)
+        wrong = body[:at] + bytes([body[at] ^ 1]) + body[at + 1 :]
+        theirs = _http(date, wrong, b"200 OK" if b" 200 " in ours else b"404 Not Found")
+    else:
+        theirs = _http(date, body, b"500 Internal Server Error")
+    script = [*script[:bad], (request, ours, theirs), *script[bad + 1 :]]
+    h = connected(
+        (P, "primary"),
+        (R, "replica"),
+        framing=HttpFraming(frozenset({b"date"})),
+        hot=hot,
+        mode=mode,  # type: ignore[arg-type]
+    )
+    for name, chunk in _schedule(script, cuts, order):
+        if name == "c":
+            h(ClientData(chunk))
+        elif h.session.in_session(name):
+            h(UpstreamData(name, chunk))
+    assert h.reports("divergence"), "the difference was seen"
+    assert R in h.stale()
+    assert bytes(h.written[CLIENT]) == b"".join(s[1] for s in script)

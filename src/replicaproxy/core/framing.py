@@ -59,6 +59,11 @@ class Expect:
         self.ignored = kind == "ignore"
         #: The reply holds something the proxy keeps per backend (see :meth:`learn`).
         self.learns = False
+        #: Two servers' replies are usually the same bytes (an HTTP response whose
+        #: Date is the same second): the session compares them in place, byte for
+        #: byte, and collects a replica's version whole only from a difference on.
+        #: (Whole from the start: replies that usually differ, and those it learns from.)
+        self.in_place = False
 
     def equivalent(self, primary: bytes, mirror: bytes) -> bool:
         """Whether two whole replies to this request count as the same answer."""

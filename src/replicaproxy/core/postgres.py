@@ -113,6 +113,9 @@ class PgExpect(Expect):
         self.ends_at = ends_at
         # The startup's reply: its BackendKeyData is worth reporting (for cancels).
         self.learns = label == "startup"
+        # Replies to queries are usually the same bytes from every server; the
+        # startup's never are (BackendKeyData), and its key is learnt from each.
+        self.in_place = not self.learns
 
     def compared(self, reply: bytes) -> list[tuple[int, bytes]] | None:
         found = messages(reply)

@@ -212,13 +212,15 @@ class _Upstream:
 class _Reply:
     """One reply in the primary's output stream (framed protocols only)."""
 
-    __slots__ = ("end", "expect", "index", "start")
+    __slots__ = ("end", "expect", "in_place", "index", "start")
 
     def __init__(self, start: int, expect: Expect, index: int) -> None:
         self.start = start
         self.end = -1  # not known while the reply goes on
         self.expect = expect
         self.index = index  # 1 for the session's first reply
+        #: Mirrors compare it in place (Expect.in_place) until their bytes differ.
+        self.in_place = expect.in_place
 
     def name(self) -> str:
         return f"reply {self.index} to {self.expect.label}"
@@ -268,6 +270,7 @@ class Session:
         "_route",
         "_spans",
         "_starts",
+        "_strict",
         "_sync",
         "_uncompared_from",
         "_ups",
@@ -357,6 +360,7 @@ class Session:
         #: What the primary's replies held worth keeping (Framing.learn), to report.
         self._facts: list[bytes] = []
         self._spans: deque[_Reply] = deque()
+        self._strict = 0  # of the spans, those not compared in place (mirrors stop at them)
         self._framed_to = 0  # the primary's stream is framed up to here
         #: Where each server's output became its own (after MONITOR): not compared on.
         self._uncompared_from = -1
@@ -509,15 +513,15 @@ class Session:
             return False
         if self._framing is not None:
             self._frame(start, data)
-            if self._spans or self._facts or self._last_words is not None:
+            if self._strict or self._facts or self._last_words is not None:
                 return False  # a reply that may differ, or news: the long way
         end = start + len(data)
         lowest = end  # the output of the compared mirror furthest behind
         for r in self._mirrors:
             if r.compared:
                 out = r.out
-                if out > start or r.eof_received:
-                    return False  # ahead (compare now) or ended (maybe early)
+                if out > start or r.eof_received or r.span is not None:
+                    return False  # ahead (compare now), ended (maybe early), or resolving
                 if out < lowest:  # noqa: PLR1730 (min() would be a call per chunk)
                     lowest = out
         window = self._window
@@ -548,7 +552,8 @@ class Session:
             or not r.compared
             or self._sync
             or self.finished
-            or self._spans  # (framed: a reply that may differ is in the window)
+            or self._strict  # (framed: a reply that may differ, compared whole, is near)
+            or r.span is not None  # (collecting its own version of a reply)
             or "window" in self._primary_pause
         ):
             return False
@@ -568,6 +573,8 @@ class Session:
         elif need > base:
             del self._window[: need - base]
             self._window_base = need
+        if self._spans:
+            self._forget_spans(need)
         return True
 
     def _on_client_data(self, event: ClientData, actions: list[Action]) -> None:
@@ -930,6 +937,8 @@ class Session:
                 self._open = True
                 if not expect.exact:
                     self._spans.append(_Reply(start + pos, expect, self._replies))
+                    if not expect.in_place:
+                        self._strict += 1
             stop = f.feed(data, pos)
             if stop < 0:
                 if stop == GARBAGE:
@@ -1058,11 +1067,12 @@ class Session:
                 self._stop_comparing(r, actions)
                 actions.append(Report("compare_lost", r.name, "its output is its own from here on"))
                 return
-            span = None
-            for reply in self._spans:
-                if reply.start >= start:
-                    span = reply
-                    break
+            span = None  # the next reply it stops at (compared whole, not in place)
+            if self._strict:
+                for reply in self._spans:
+                    if reply.start >= start and not reply.in_place:
+                        span = reply
+                        break
             limit = frontier if span is None else span.start
             if 0 <= stop < limit:
                 limit = stop
@@ -1110,9 +1120,11 @@ class Session:
             r.mbuf += data[max(0, r.mlen - before) :]  # what follows the ignored reply
         self._try_resolve(r, actions)
 
-    def _too_long(self, r: _Upstream, actions: list[Action]) -> None:
-        """``r``'s version of a reply outgrew compare_window before it ended."""
-        span = r.span
+    def _too_long(self, r: _Upstream, actions: list[Action], span: _Reply | None = None) -> None:
+        """``r``'s version of a reply (its current one, or ``span``) outgrew
+        compare_window before it ended, or differs past it."""
+        if span is None:
+            span = r.span
         assert span is not None
         detail = (
             f"{span.name()} is longer than compare_window ({self.limits.compare_window} "
@@ -1201,6 +1213,26 @@ class Session:
         theirs = bytes(self._window[start - base : start - base + k])
         i = next(i for i in range(k) if data[i] != theirs[i])
         at = start + i
+        span = self._in_place_at(at)
+        if span is not None and not (r is self._primary and span.end < 0):
+            # Inside a reply compared in place: its rule decides, on the whole of it.
+            if span.start < base:
+                self._too_long(r, actions, span)  # (longer than the window keeps)
+                return
+            if span.start >= start:
+                mine = data[span.start - start :]
+            else:
+                mine = bytes(self._window[span.start - base : start - base]) + data
+            r.out = span.start
+            r.span = span
+            r.mbuf = bytearray()
+            r.mown = 0
+            r.mlen = -1
+            r.mkept = True
+            assert self._framing is not None
+            r.mparser = self._framing.parser(span.expect)
+            self._resolving_data(r, mine, actions)
+            return
         where = f"output differs at offset {at}"
         starts = self._starts
         k = bisect.bisect_right(starts, at, self._head) - 1
@@ -1209,6 +1241,14 @@ class Session:
             label = self._expects[k].label
             where = f"reply {index} to {label} differs at its byte {at - starts[k]}"
         self._diverged(r, f"{where}: {side_by_side(theirs, data, r.name, i)}", actions)
+
+    def _in_place_at(self, at: int) -> _Reply | None:
+        """The reply compared in place that holds offset ``at`` of the primary's stream."""
+        for s in self._spans:
+            if 0 <= s.end <= at:
+                continue
+            return s if s.start <= at and s.in_place else None
+        return None
 
     def _hold(self, r: _Upstream) -> int:
         """Where in the window ``r`` still needs the primary's stream from."""
@@ -1220,11 +1260,17 @@ class Session:
     def _confirmed(self, r: _Upstream) -> int:
         """How far ``r`` vouches for the primary's stream (sync mode): its place, or,
         inside an ignored reply it has begun, the end of the primary's version (having
-        begun its reply, it has run the request)."""
+        begun its reply, it has run the request). Inside a reply compared in place,
+        the reply's start: a reply is released once it is whole on both sides."""
         span = r.span
         if span is not None and span.expect.ignored and r.mown:
             return span.end if span.end >= 0 else self._frontier
-        return r.out
+        out = r.out
+        if self._spans and span is None:
+            inside = self._in_place_at(out)
+            if inside is not None:
+                return inside.start
+        return out
 
     def _keep_ahead(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
         """Keep a mirror's output beyond the primary's until the primary gets there."""
@@ -1373,6 +1419,19 @@ class Session:
                 hold = r.out if r.span is None else self._hold(r)
                 if hold < need:  # noqa: PLR1730 (min() would be a call per chunk)
                     need = hold
+        if self._spans:
+            # Inside a reply compared in place, a difference would need all of it:
+            # kept from its start, while that is within compare_window.
+            for s in self._spans:
+                if 0 <= s.end <= need:
+                    continue
+                if (
+                    s.start < need
+                    and s.in_place
+                    and self._frontier - s.start <= self.limits.compare_window
+                ):
+                    need = s.start
+                break
         return need
 
     def _trim_window(self, actions: list[Action]) -> None:
@@ -1411,9 +1470,15 @@ class Session:
         if drop > 0:
             del self._window[:drop]
             self._window_base = need
+        if self._spans:
+            self._forget_spans(need)
+
+    def _forget_spans(self, need: int) -> None:
+        """Forget the replies that ended before ``need`` (nobody needs them any more)."""
         spans = self._spans
         while spans and 0 <= spans[0].end <= need:
-            spans.popleft()
+            if not spans.popleft().in_place:
+                self._strict -= 1
 
     def _splice_refused(self, offset: int, data: bytes, actions: list[Action]) -> None:
         """The new primary's output differs from what the client already has: stop."""
@@ -1543,6 +1608,10 @@ class Session:
         if last is not None and delivered > last.start:
             # The client has part of a reply the old primary will never finish: only
             # a replica whose version starts with the same bytes can go on with it.
+            if last.in_place and r.span is None:
+                # Compared in place so far: it goes on byte for byte (what it has yet
+                # to repeat of the client's part is compared as it comes).
+                return r.out >= last.start
             have = delivered - last.start
             base = self._window_base
             return (
@@ -1588,6 +1657,15 @@ class Session:
         """The client has part of ``last``, which the old primary never finished, and
         ``r``'s version starts with the same bytes: it finishes it, byte for byte."""
         self._spans.remove(last)
+        if not last.in_place:
+            self._strict -= 1
+        if r.span is None:
+            # Compared in place: it is at its place in the stream already.
+            for m in self._mirrors:
+                if m.span is last:
+                    self._stop_comparing(m, actions)
+                    actions.append(Report("compare_lost", m.name, f"{last.name()} was cut short"))
+            return
         for m in self._mirrors:
             if m.span is last:  # its own version may differ from r's: not comparable
                 self._stop_comparing(m, actions)
@@ -1606,6 +1684,16 @@ class Session:
         self._starts.pop()
         self._expects.pop()
         self._spans.pop()
+        if not last.in_place:
+            self._strict -= 1
+        if last.in_place:
+            # Who compared it in place matched the old version up to its place: those
+            # bytes are its own version's start, ahead of the stream again.
+            base = self._window_base
+            for m in [self._primary, *self._mirrors]:
+                if m.span is None and (m.compared or m is self._primary) and m.out > cut:
+                    upto = min(m.out, self._frontier)
+                    m.ahead = bytearray(self._window[cut - base : upto - base]) + m.ahead
         self._open = False
         self._last_end = cut
         self._replies -= 1
