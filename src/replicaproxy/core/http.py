@@ -14,6 +14,10 @@ whole head and ``Content-Length`` body are at hand, a response with
 ``Content-Length`` or no body by rule) are read by :func:`fast_head` first, which
 accepts only what h11 reads the same way (a property test holds it to that) and
 leaves everything else (chunked, 1xx, close-delimited, odd syntax) to h11.
+Most clients send the same few heads over and over, and a server's responses
+differ from one another by their Date at most once a second: what the fast path
+read of a head is remembered by the head's bytes (:data:`_REQUESTS`,
+:data:`_RESPONSES`), so a head seen before costs a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ def fast_head(data: bytes, pos: int, request: bool, keep: bool = True) -> FastHe
     if request and (hosts > 1 or (hosts == 0 and first[2] == b"1.1")):
         return None  # (h11 refuses two Hosts, and an HTTP/1.1 request without one)
     return FastHead(first, headers, stop + 4, length)
+
+
+#: Heads remembered, per kind (requests, responses); past this many, forgotten.
+HEADS_KEPT: Final = 256
 
 
 class FastRequest:
@@ -296,7 +304,7 @@ class HttpParser(ReplyParser):
                 seen = self.head
                 buf = seen + data[pos:] if seen else data
                 start = 0 if seen else pos
-                head = fast_head(buf, start, False, keep=False)
+                head = _response_head(buf, start)
                 if head is not None:
                     end = _fast_end(head, self.expect.request.method)
                     if end >= 0:
@@ -377,6 +385,13 @@ class HttpFraming(Framing):
         while data and not self.deaf:
             conn = self._conn
             if conn is None and self.fast:  # (between requests: the fast path may read it)
+                stop = data.find(b"\r\n\r\n", 0, FAST_HEAD_LIMIT)
+                key = (self.ignore, data[: stop + 4])
+                known = _REQUESTS.get(key) if stop >= 0 else None
+                if known is not None and len(data) >= stop + 4 + known[1]:
+                    self.queue(known[0])  # (a head read before: the same expectation)
+                    data = data[stop + 4 + known[1] :]
+                    continue
                 head = fast_head(data, 0, True)
                 if (
                     head is not None
@@ -391,8 +406,13 @@ class HttpFraming(Framing):
                 ):
                     # (Not the last request of a connection, HTTP/1.0's or one that
                     # says close: h11 reads no request after it, nor does the fast path.)
-                    self.queue(HttpExpect(FastRequest(head), self.ignore, False))
-                    data = data[head.end + max(head.length, 0) :]
+                    expect = HttpExpect(FastRequest(head), self.ignore, False)
+                    length = max(head.length, 0)
+                    if len(_REQUESTS) >= HEADS_KEPT:
+                        _REQUESTS.clear()
+                    _REQUESTS[key] = (expect, length)
+                    self.queue(expect)
+                    data = data[head.end + length :]
                     continue
             if conn is None:
                 conn = self._conn = h11.Connection(h11.SERVER)
@@ -444,6 +464,31 @@ class HttpFraming(Framing):
     def parser(self, expect: Expect) -> ReplyParser:
         assert isinstance(expect, HttpExpect)
         return HttpParser(expect)
+
+
+#: Request heads the fast path read, by (ignored headers, the head's bytes): the
+#: expectation of its response (shared, as Expects are) and the body's length.
+_REQUESTS: Final[dict[tuple[frozenset[bytes], bytes], tuple[HttpExpect, int]]] = {}
+#: Response heads the fast path read (without their headers), by the head's bytes
+#: up to its blank line: its status line's parts and the body's length.
+_RESPONSES: Final[dict[bytes, tuple[tuple[bytes, ...], int]]] = {}
+
+
+def _response_head(buf: bytes, start: int) -> FastHead | None:
+    """``fast_head(buf, start, False, keep=False)``, remembered by the head's bytes."""
+    stop = buf.find(b"\r\n\r\n", start, start + FAST_HEAD_LIMIT)
+    if stop < 0:
+        return None
+    key = buf[start:stop]
+    known = _RESPONSES.get(key)
+    if known is not None:
+        return FastHead(known[0], [], stop + 4, known[1])
+    head = fast_head(buf, start, False, keep=False)
+    if head is not None:
+        if len(_RESPONSES) >= HEADS_KEPT:
+            _RESPONSES.clear()
+        _RESPONSES[key] = (head.first, head.length)
+    return head
 
 
 def ignored(names: Any) -> frozenset[bytes]:
