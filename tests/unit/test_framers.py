@@ -400,7 +400,7 @@ def test_postgres_copy_from_stdin_splits_its_reply_where_the_client_sends_data()
     requests = STARTUP + pg(b"Q", b"copy t from stdin\x00")
     requests += pg(b"d", b"1\n") + pg(b"d", b"2\n") + pg(b"c", b"")
     replies = replies_of(simple, requests, startup_reply(1, 1) + copy_in + done + READY)
-    assert [(e.label, r) for e, r in replies[1:]] == [
+    assert [(e.name(), r) for e, r in replies[1:]] == [
         ("Query 'copy t from stdin'", copy_in),
         ("CopyDone", done + READY),
     ]
@@ -454,7 +454,7 @@ def _odd_response(draw: st.DrawFn) -> bytes:
 def _trace(framing: HttpFraming, requests: bytes, replies: bytes, cuts: list[int]) -> list[Any]:
     """What framing ``replies`` says at each step: labels, ends, MORE, GARBAGE."""
     framing.request(requests)
-    out: list[Any] = [[e.label for e in framing.pending]]
+    out: list[Any] = [[e.name() for e in framing.pending]]
     offset, inside = 0, False
     for piece in _pieces(replies, cuts):
         pos = 0

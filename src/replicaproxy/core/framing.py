@@ -65,6 +65,11 @@ class Expect:
         #: (Whole from the start: replies that usually differ, and those it learns from.)
         self.in_place = False
 
+    def name(self) -> str:
+        """The request's name in log lines and metrics (:attr:`label`, or one made only
+        when asked for: a PostgreSQL query's text)."""
+        return self.label
+
     def equivalent(self, primary: bytes, mirror: bytes) -> bool:
         """Whether two whole replies to this request count as the same answer."""
         return self.ignored or primary == mirror

@@ -105,9 +105,15 @@ class PgExpect(Expect):
     """A reply and how two of them compare: message by message, some left out."""
 
     def __init__(
-        self, label: str, ignore_parameters: frozenset[bytes], ends_at: bytes = _ENDS
+        self,
+        label: str,
+        ignore_parameters: frozenset[bytes],
+        ends_at: bytes = _ENDS,
+        sql: bytes = b"",
     ) -> None:
         super().__init__(label, "postgres")
+        #: A Query's text: its label is made of it when first asked for (most are never).
+        self.sql = sql
         self.ignore_parameters = ignore_parameters
         #: The message types that end the reply (besides a FATAL ErrorResponse).
         self.ends_at = ends_at
@@ -116,6 +122,12 @@ class PgExpect(Expect):
         # Replies to queries are usually the same bytes from every server; the
         # startup's never are (BackendKeyData), and its key is learnt from each.
         self.in_place = not self.learns
+
+    def name(self) -> str:
+        if self.sql:
+            self.label = f"{self.label} {_label(self.sql)}"
+            self.sql = b""
+        return self.label
 
     def compared(self, reply: bytes) -> list[tuple[int, bytes]] | None:
         found = messages(reply)
@@ -186,11 +198,15 @@ class PgParser(ReplyParser):
     """Finds where one reply ends: at ReadyForQuery, or at a FATAL ErrorResponse."""
 
     def __init__(self, ends_at: bytes = _ENDS) -> None:
+        self.body = bytearray()  # an ErrorResponse's body, kept to read its severity
+        self.reset(ends_at)
+
+    def reset(self, ends_at: bytes) -> None:
+        """Ready for a new reply, which ends at one of ``ends_at``'s message types."""
         self.ends_at = ends_at
         self.head = b""  # the start of a message header the last chunk cut
         self.skip = 0  # bytes of a message body still to pass
         self.kind = 0  # the type of the message being passed
-        self.body = bytearray()  # an ErrorResponse's body, kept to read its severity
         self.fresh = True
         #: Bytes of the reply read so far (the last message's start is where FATAL is).
         self.read = 0
@@ -336,11 +352,15 @@ class PgFraming(Framing):
         if kind not in _REPLIED and kind != 0x50:  # (0: the startup, queued already)
             return
         self._extended = kind == 0x53
+        if kind == 0x51:  # Q: its text (the label is made of it if a log line asks)
+            query = self._query
+            end = query.find(0)
+            sql = bytes(query[:end] if end >= 0 else query)
+            self.queue(PgExpect("Query", self.ignore_parameters, sql=sql))
+            return
         text = bytes(self._query).split(b"\x00")
         if kind == 0x50:  # P Parse: name, then query text
             self._last_sql = _label(text[1] if len(text) > 1 else b"")
-        elif kind == 0x51:  # Q
-            self.queue(self._expect(f"Query {_label(text[0])}"))
         elif kind == 0x53:  # S Sync
             self.queue(self._expect(f"Sync ({self._last_sql})" if self._last_sql else "Sync"))
         elif kind == 0x46:  # F FunctionCall
@@ -360,7 +380,11 @@ class PgFraming(Framing):
         expect = self.expect_next()
         if expect is not None:
             assert isinstance(expect, PgExpect)
-            self._reply = PgParser(expect.ends_at)
+            reply = self._reply
+            if reply is None:
+                self._reply = PgParser(expect.ends_at)
+            else:
+                reply.reset(expect.ends_at)  # (one parser for the primary's replies)
         return expect
 
     def feed(self, data: bytes, pos: int) -> int:

@@ -223,7 +223,7 @@ class _Reply:
         self.in_place = expect.in_place
 
     def name(self) -> str:
-        return f"reply {self.index} to {self.expect.label}"
+        return f"reply {self.index} to {self.expect.name()}"
 
 
 class Session:
@@ -1180,7 +1180,7 @@ class Session:
                 return
             differs = theirs != mine
         if differs:
-            actions.append(Report("allowed", r.name, expect.label))
+            actions.append(Report("allowed", r.name, expect.name()))
         if expect.learns and r.mkept:
             fact = expect.learn(mine)
             if fact is not None:
@@ -1238,7 +1238,7 @@ class Session:
         k = bisect.bisect_right(starts, at, self._head) - 1
         if k >= self._head and (k < len(starts) - 1 or self._open or at < self._last_end):
             index = self._replies - (len(starts) - 1 - k)
-            label = self._expects[k].label
+            label = self._expects[k].name()
             where = f"reply {index} to {label} differs at its byte {at - starts[k]}"
         self._diverged(r, f"{where}: {side_by_side(theirs, data, r.name, i)}", actions)
 
