@@ -867,7 +867,8 @@ class Server:
     # ---------------------------------------- SessionHost: called by drivers
 
     def address_of(self, name: str) -> Address:
-        return self._backend(name).config.address
+        b = self.backends.get(name)  # (what _backend does, a call less per connect)
+        return (b if b is not None else self._retired[name]).config.address
 
     def tls_of(self, name: str) -> ClientTls | None:
         """How to speak TLS to ``name``; None: plaintext."""
@@ -878,7 +879,7 @@ class Server:
 
     def write_limit(self, name: str) -> int | None:
         """Replicas and shadows may hold ``replica_buffer`` bytes; the primary the default."""
-        return None if name == self.view.primary else self.config.proxy.replica_buffer
+        return None if name == self.keeper.view.primary else self.config.proxy.replica_buffer
 
     def memory_of(self, name: str) -> MemoryBudget:
         """The memory budget of ``name`` as a replica or shadow, over all sessions."""
