@@ -295,6 +295,17 @@ class AccessLog:
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
 
+    def log_text(self, message: str) -> bool:
+        """Queue ``message``'s line as the writer would make it, where the record would
+        reach nothing but the queue handler and the writer makes text lines (its
+        fields would show nowhere). False: nothing done; :meth:`log` it, with them."""
+        queue_handler = self._only_handler()
+        if queue_handler is None or queue_handler.lines is None:
+            return False
+        line = queue_handler.lines.line(time.time_ns(), "INFO", self.logger.name, message)
+        queue_handler.enqueue(line)
+        return True
+
     def log(self, message: str, fields: dict[str, object]) -> None:
         """Log ``message`` with ``fields`` (those named at the start) as attributes."""
         ct = time.time_ns()

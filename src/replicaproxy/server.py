@@ -41,7 +41,7 @@ from replicaproxy.config import (
 from replicaproxy.control import ControlError
 from replicaproxy.core import postgres
 from replicaproxy.core.events import CLIENT, PromoteResult
-from replicaproxy.core.session import Limits, Member, Session
+from replicaproxy.core.session import Limits, Member, Role, Session
 from replicaproxy.core.view import IllegalTransition, View
 from replicaproxy.health import LOCAL_FAILURE, Health, HealthChecker, probe
 from replicaproxy.io.driver import ClientProtocol, Flusher, MemoryBudget, SessionDriver, Timers
@@ -71,6 +71,10 @@ from replicaproxy.tls import (
 from replicaproxy.viewkeeper import Decision, ViewKeeper
 
 log = logging.getLogger(__name__)
+
+
+#: What a session that was never counted had reported so far (read only).
+_NOTHING_SEEN: dict[str, tuple[int, int]] = {}
 
 
 class StartError(Exception):
@@ -231,6 +235,7 @@ class Server:
         self.keeper.view = View.new(config.primary.name, self._promotable())
         self.sessions: set[SessionDriver] = set()
         self._by_sid: dict[int, SessionDriver] = {}
+        self._members: dict[tuple[str, Role], Member] = {}  # (see _member)
         #: PostgreSQL cancel keys: what each client got (to its session), and each
         #: session's own key on every backend (see :meth:`cancel`).
         self._client_keys: dict[bytes, int] = {}
@@ -813,23 +818,28 @@ class Server:
                 )
                 transport.abort()
                 return None
-        members = [Member(view.primary, "primary")]
+        primary = view.primary
+        member = self._member
+        members = [member(primary, "primary")]
+        in_sync = self.keeper.in_sync
         for b in self.config.backends:
-            if b.name == view.primary:
+            name = b.name
+            if name == primary:
                 continue
             if b.role == "shadow":
                 if b.sample >= 1.0 or random.random() < b.sample:
-                    members.append(Member(b.name, "shadow"))
-            elif self.keeper.in_sync(b.name):
-                members.append(Member(b.name, "replica"))
+                    members.append(member(name, "shadow"))
+            elif in_sync(name):
+                members.append(member(name, "replica"))
         sid = next(self._ids)
+        proxy = self.config.proxy
         driver = SessionDriver(
             sid,
             Session(members, self._limits, self.protocols.framing()),
             self,
             transport,
-            connect_timeout=self.config.proxy.connect_timeout,
-            idle_timeout=self.config.proxy.idle_timeout,
+            connect_timeout=proxy.connect_timeout,
+            idle_timeout=proxy.idle_timeout,
             flusher=self._flusher,
             timers=self._timers,
             preamble=self.protocols.preamble,
@@ -837,17 +847,28 @@ class Server:
         )
         self.sessions.add(driver)
         self._by_sid[sid] = driver
-        self._idle.clear()
-        self.metrics.sessions.inc()
-        self.metrics.sessions_active.inc()
+        if self._idle.is_set():
+            self._idle.clear()
+        metrics = self.metrics
+        metrics.sessions.value += 1
+        metrics.sessions_active.value += 1
         self.sessions_total += 1
         driver.start()
         return driver
 
+    def _member(self, name: str, role: Role) -> Member:
+        """``Member(name, role)``: one made before when there is one (they are frozen)."""
+        key = (name, role)
+        m = self._members.get(key)
+        if m is None:
+            m = self._members[key] = Member(name, role)
+        return m
+
     # ---------------------------------------- SessionHost: called by drivers
 
     def address_of(self, name: str) -> Address:
-        return self._backend(name).config.address
+        b = self.backends.get(name)  # (what _backend does, a call less per connect)
+        return (b if b is not None else self._retired[name]).config.address
 
     def tls_of(self, name: str) -> ClientTls | None:
         """How to speak TLS to ``name``; None: plaintext."""
@@ -858,7 +879,7 @@ class Server:
 
     def write_limit(self, name: str) -> int | None:
         """Replicas and shadows may hold ``replica_buffer`` bytes; the primary the default."""
-        return None if name == self.view.primary else self.config.proxy.replica_buffer
+        return None if name == self.keeper.view.primary else self.config.proxy.replica_buffer
 
     def memory_of(self, name: str) -> MemoryBudget:
         """The memory budget of ``name`` as a replica or shadow, over all sessions."""
@@ -1431,25 +1452,34 @@ class Server:
                     del self._client_keys[key]
         if not self.sessions:
             self._idle.set()
-        self.metrics.sessions_active.dec()
+        metrics = self.metrics
+        metrics.sessions_active.value -= 1
         self._account(driver, last=True)
         s = driver.session
         duration = time.monotonic() - driver.started
-        self.metrics.session_duration.observe(duration)
+        metrics.session_duration.observe(duration)
         if s.takeovers and outcome == "ok":
             outcome = "takeover"
         elif outcome in ("refused", "overloaded"):
             # No primary could be had, or this machine ran out of descriptors.
-            self.metrics.refused.labels("no_primary" if outcome == "refused" else outcome).inc()
-        if not self._access_log.enabled():
+            metrics.refused.labels("no_primary" if outcome == "refused" else outcome).inc()
+        access = self._access_log
+        if not access.enabled():
             return
         members = s.members
-        self._access_log.log(
+        message = (
             f"session {driver.sid} client={driver.peer} duration={duration:.3f}s "
             f"from_client={s.received} to_client={s.delivered} backends={','.join(members)} "
             f"outcome={outcome}"
-            + (f" promoted={s.promoted}" if s.promoted else "")
-            + (f" takeovers={s.takeovers}" if s.takeovers else ""),
+        )
+        if s.promoted:
+            message += f" promoted={s.promoted}"
+        if s.takeovers:
+            message += f" takeovers={s.takeovers}"
+        if access.log_text(message):
+            return  # (the text line shows no fields: none are made)
+        access.log(
+            message,
             {
                 "session": driver.sid,
                 "client": driver.peer,
@@ -1471,28 +1501,31 @@ class Server:
         driver.settle()
         s = driver.session
         if last:
-            seen = self._reported.pop(driver, None) or {}
+            seen = self._reported.pop(driver, None) or _NOTHING_SEEN
         else:
             seen = self._reported.setdefault(driver, {})
         for name in s.members:
             to_now, from_now = s.fed(name) - s.held(name), s.out(name)
             to_was, from_was = seen.get(name, (0, 0))
             if to_now != to_was or from_now != from_was:
-                seen[name] = (to_now, from_now)
+                if not last:
+                    seen[name] = (to_now, from_now)
                 b = self._backend(name)
                 b.bytes_to += to_now - to_was
                 b.bytes_from += from_now - from_was
                 to_backend, from_backend = self.metrics.bytes_of(name)
-                to_backend.inc(to_now - to_was)
-                from_backend.inc(from_now - from_was)
+                to_backend.value += to_now - to_was
+                from_backend.value += from_now - from_was
+        received, delivered = s.received, s.delivered
         in_was, out_was = seen.get(CLIENT, (0, 0))
-        if s.received != in_was or s.delivered != out_was:
-            seen[CLIENT] = (s.received, s.delivered)
-            self._client_bytes["from_client"] += s.received - in_was
-            self._client_bytes["to_client"] += s.delivered - out_was
+        if received != in_was or delivered != out_was:
+            if not last:
+                seen[CLIENT] = (received, delivered)
+            self._client_bytes["from_client"] += received - in_was
+            self._client_bytes["to_client"] += delivered - out_was
             from_client, to_client = self.metrics.client_bytes_of()
-            from_client.inc(s.received - in_was)
-            to_client.inc(s.delivered - out_was)
+            from_client.value += received - in_was
+            to_client.value += delivered - out_was
 
     async def _tick(self) -> None:
         """Once a second: byte totals of live sessions, each backend's lag, and what each

@@ -172,6 +172,8 @@ def test_the_access_log_takes_the_loggers_way_when_it_has_filters_or_other_handl
     log.addHandler(DroppingQueueHandler(records))
     access = AccessLog(log, ("outcome",))
     log.addFilter(lambda r: vars(r)["outcome"] != "refused")
+    assert not access.log_text("no line: the filter wants the record")
+    assert not taken(records)
     access.log("refused one", {"outcome": "refused"})
     access.log("served one", {"outcome": "ok"})
     assert [r.getMessage() for r in taken(records)] == ["served one"]
@@ -212,6 +214,9 @@ def test_with_text_lines_the_access_log_queues_the_line_the_writer_would_make() 
     AccessLog(log, tuple(fields)).log("session 7 outcome=ok", fields)
     theirs, ours = records.take()
     assert isinstance(theirs, logging.LogRecord) and isinstance(ours, str)
+    assert AccessLog(log, ()).log_text("session 7 outcome=ok")
+    (text,) = records.take()
+    assert isinstance(text, str) and text[23:] == ours[23:]
     made = formatter.format(theirs)
     assert ours[23:] == made[23:], "the same line but for the time"
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", ours[:23]), ours
