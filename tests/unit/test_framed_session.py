@@ -749,3 +749,75 @@ def test_an_http_response_that_differs_outside_its_date_is_a_divergence(
     assert h.reports("divergence"), "the difference was seen"
     assert R in h.stale()
     assert bytes(h.written[CLIENT]) == b"".join(s[1] for s in script)
+
+
+def _http_session(mode: str = "async") -> Harness:
+    from replicaproxy.core.http import HttpFraming
+
+    return connected(
+        (P, "primary"),
+        (R, "replica"),
+        framing=HttpFraming(frozenset({b"date"})),
+        mode=mode,  # type: ignore[arg-type]
+    )
+
+
+def test_sync_takeover_inside_a_response_compared_in_place_gives_the_replicas_whole() -> None:
+    """The old primary stopped inside a response the client has none of; the replica
+    had matched its first bytes in place: the client gets the replica's own version."""
+    h = _http_session("sync")
+    h(ClientData(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    ours, theirs = _http(b"1", b"hello"), _http(b"22", b"hello")
+    h(UpstreamData(P, ours[:30]))
+    h(UpstreamData(R, theirs[:20]))  # the same bytes so far (before the Date)
+    assert h.written[CLIENT] == b"", "nothing of a response before the replica's is whole"
+    h(UpstreamClosed(P, "ConnectionResetError"))
+    h(TimerFired(Timer.PRIMARY_EOF))
+    h(PrimaryChecked(P, alive=False, reason="refused"))
+    assert h.session.primary == R
+    h(UpstreamData(R, theirs[20:]))
+    assert h.written[CLIENT] == theirs
+    assert not h.reports("divergence")
+
+
+def test_async_takeover_inside_a_response_compared_in_place_goes_on_byte_for_byte() -> None:
+    """The client has part of a response; the replica matched it in place so far and
+    finishes it: the same connection, the response whole."""
+    h = _http_session()
+    h(ClientData(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    ours = _http(b"1", b"hello")
+    h(UpstreamData(P, ours[:40]))
+    h(UpstreamData(R, ours[:45]))
+    h(PrimaryDown("health"))
+    assert h.session.primary == R
+    h(UpstreamData(R, ours[45:]))
+    assert h.written[CLIENT] == ours
+    assert not h.reports("divergence")
+
+
+def test_a_response_differing_beyond_compare_window_from_its_start_cannot_be_compared() -> None:
+    """A response compared in place is kept from its start only within compare_window:
+    a difference further in is reported as not comparable, never passed as equal."""
+    from replicaproxy.core.http import HttpFraming
+
+    for mode in ("async", "sync"):
+        h = connected(
+            (P, "primary"),
+            (R, "replica"),
+            framing=HttpFraming(frozenset({b"date"})),
+            compare_window=128,
+            mode=mode,  # type: ignore[arg-type]
+        )
+        ours = _http(b"1", b"x" * 300)
+        theirs = ours[:-1] + b"y"  # differs ~340 bytes from the response's start
+        h(ClientData(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        for at in range(0, len(ours), 50):  # the replica keeps pace, 50 bytes at a time
+            h(UpstreamData(P, ours[at : at + 50]))
+            h(UpstreamData(R, theirs[at : at + 50]))
+        assert not h.reports("allowed") and not h.reports("divergence")
+        if mode == "async":
+            [lost] = h.reports("compare_lost")
+            assert "longer than compare_window" in lost.detail, lost.detail
+            assert not h.stale()
+        else:
+            assert R in h.stale(), "sync mode: it cannot vouch for the response"

@@ -1261,14 +1261,15 @@ class Session:
         """How far ``r`` vouches for the primary's stream (sync mode): its place, or,
         inside an ignored reply it has begun, the end of the primary's version (having
         begun its reply, it has run the request). Inside a reply compared in place,
-        the reply's start: a reply is released once it is whole on both sides."""
+        the reply's start: a reply is released once it is whole on both sides (one
+        longer than compare_window, which cannot be compared whole, byte by byte)."""
         span = r.span
         if span is not None and span.expect.ignored and r.mown:
             return span.end if span.end >= 0 else self._frontier
         out = r.out
         if self._spans and span is None:
             inside = self._in_place_at(out)
-            if inside is not None:
+            if inside is not None and self._frontier - inside.start <= self.limits.compare_window:
                 return inside.start
         return out
 
