@@ -139,6 +139,15 @@ class Framing:
         """Go on reading the primary's current reply: as :meth:`ReplyParser.feed`."""
         raise NotImplementedError
 
+    def run(self, data: bytes, pos: int, at: int, starts: list[int], expects: list[Expect]) -> int:
+        """Frame replies of the primary's from ``data[pos]`` (which sits at ``at`` in its
+        stream, between replies) as far as they are whole and exact and need nothing
+        more of the session (no last words, nothing to learn): appends where each
+        starts and its expectation, and returns where the last one ends (``pos``: none
+        was). :meth:`begin` and :meth:`feed` frame the rest; this is the same, in one
+        call for many replies (a framer need not have it)."""
+        return pos
+
     def parser(self, expect: Expect) -> ReplyParser:
         """A parser for a replica's reply to a request that expects ``expect``."""
         raise NotImplementedError

@@ -913,6 +913,15 @@ class Session:
         n = len(data)
         while pos < n:
             if not self._open:
+                # Whole, exact replies first, many in one call (most are).
+                ran = len(starts)
+                stop = f.run(data, pos, start, starts, expects)
+                if stop > pos:
+                    self._replies += len(starts) - ran
+                    self._last_end = start + stop
+                    pos = stop
+                    if pos >= n:
+                        break
                 if f.says_last_words and f.last_words(data, pos):
                     # Between replies, its last words (PostgreSQL's FATAL when its
                     # postmaster died): held, as inside a reply.
