@@ -903,8 +903,10 @@ class Session:
         # Replies the window has passed (but the one it starts in) are forgotten.
         head = self._head
         base = self._window_base
-        while head + 1 < len(starts) and starts[head + 1] <= base:
-            head += 1
+        if head + 1 < len(starts) and starts[head + 1] <= base:
+            # (a search, not a walk: in sync mode the passed replies' offsets are
+            # cold in the cache by now)
+            head = bisect.bisect_right(starts, base, head + 1) - 1
         if head > 256:
             del starts[:head]
             del expects[:head]
