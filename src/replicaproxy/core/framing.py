@@ -25,7 +25,6 @@ there on, as ``protocol = "bytes"`` does.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -38,6 +37,9 @@ GARBAGE: Final = -2
 #: shared :class:`Expect` (8 bytes); past this a client that pipelines without
 #: reading makes its session fall back to comparing bytes instead of growing.
 MAX_PENDING: Final = 100_000
+#: Taken expectations are dropped from the front of the queue at least this many at a
+#: time, and once they are half of it.
+_COMPACT: Final = 256
 
 
 class Expect:
@@ -117,8 +119,11 @@ class Framing:
     """One session's view of its protocol: requests in, replies paired with them."""
 
     def __init__(self) -> None:
-        #: The expectation of each request whose reply has not begun, oldest first.
-        self.pending: deque[Expect] = deque()
+        # The expectation of each request whose reply has not begun, oldest first:
+        # _due[_taken:] (a list and an index: native list operations when compiled,
+        # where a deque's are calls by name).
+        self._due: list[Expect] = []
+        self._taken = 0
         #: Replies are no longer paired: bytes are compared from there on.
         self.lost = False
         #: Requests are no longer read (a LOST marker ends the queue).
@@ -144,6 +149,15 @@ class Framing:
         """Go on reading the primary's current reply: as :meth:`ReplyParser.feed`."""
         raise NotImplementedError
 
+    def run(self, data: bytes, pos: int, at: int, starts: list[int], expects: list[Expect]) -> int:
+        """Frame replies of the primary's from ``data[pos]`` (which sits at ``at`` in its
+        stream, between replies) as far as they are whole and exact and need nothing
+        more of the session (no last words, nothing to learn): appends where each
+        starts and its expectation, and returns where the last one ends (``pos``: none
+        was). :meth:`begin` and :meth:`feed` frame the rest; this is the same, in one
+        call for many replies (a framer need not have it)."""
+        return pos
+
     def parser(self, expect: Expect) -> ReplyParser:
         """A parser for a replica's reply to a request that expects ``expect``."""
         raise NotImplementedError
@@ -163,30 +177,50 @@ class Framing:
         as bytes from the reply's start; -1 when the reply ended as usual."""
         return -1
 
+    @property
+    def pending(self) -> list[Expect]:
+        """The expectation of each request whose reply has not begun, oldest first."""
+        return self._due[self._taken :]
+
+    def has_pending(self) -> bool:
+        """Whether some request's reply has not begun."""
+        return self._taken < len(self._due)
+
     def unbegin(self, expects: list[Expect]) -> None:
         """Replies to these requests (oldest first) are to be framed again, from a new
         primary: they are pending once more, ahead of the rest."""
-        self.pending.extendleft(reversed(expects))
+        self._due = expects + self._due[self._taken :]
+        self._taken = 0
 
     def expect_next(self) -> Expect | None:
         """The oldest pending expectation, taken; None when there is none or framing
         was lost there."""
-        pending = self.pending
-        if not pending:
+        due = self._due
+        taken = self._taken
+        if taken >= len(due):
             return None
-        expect = pending.popleft()
+        expect = due[taken]
+        self._took(taken + 1)
         if expect is LOST or expect is UNCOMPARED:
             self.lose()
             self.uncompared = expect is UNCOMPARED
             return None
         return expect
 
+    def _took(self, taken: int) -> None:
+        """The first ``taken`` of ``_due`` are taken: drop them now and then."""
+        if taken >= _COMPACT and 2 * taken >= len(self._due):
+            del self._due[:taken]
+            taken = 0
+        self._taken = taken
+
     def queue(self, expect: Expect) -> None:
         """One more reply is due, after those already pending."""
-        if len(self.pending) >= MAX_PENDING:
+        due = self._due
+        if len(due) - self._taken >= MAX_PENDING:
             self.stop()
             return
-        self.pending.append(expect)
+        due.append(expect)
 
     def stop(self, *, compare: bool = True) -> None:
         """Stop reading requests here: the replies to those before still pair, and
@@ -194,12 +228,13 @@ class Framing:
         from there on, or (``compare=False``) not at all."""
         if not self.deaf:
             self.deaf = True
-            self.pending.append(LOST if compare else UNCOMPARED)
+            self._due.append(LOST if compare else UNCOMPARED)
 
     def lose(self) -> None:
         """Stop framing now: whatever follows is compared as bytes."""
         self.lost = self.deaf = True
-        self.pending.clear()
+        self._due.clear()
+        self._taken = 0
 
 
 #: The protocols a bytes session's divergence line may suggest, by what a client's

@@ -369,12 +369,12 @@ class PgFraming(Framing):
     def last_words(self, data: bytes, pos: int) -> bool:
         """An ErrorResponse that answers nothing: a FATAL (the only error PostgreSQL
         sends unasked: its postmaster died, or an administrator ended the session)."""
-        return data[pos] == 0x45 and not self.pending and not self.lost
+        return data[pos] == 0x45 and not self.has_pending() and not self.lost
 
     def begin(self, data: bytes, pos: int) -> Expect | None:
         if self.lost:
             return None
-        if data[pos] in _ASYNC and not self.pending:
+        if data[pos] in _ASYNC and not self.has_pending():
             self.lose()  # a notification between replies (LISTEN): not modelled
             return None
         expect = self.expect_next()

@@ -155,13 +155,25 @@ _BULK: Final = frozenset(b"$!=")
 _AGGREGATE: Final = frozenset(b"*~>%")
 
 
+#: How much of a one-line reply _simple_end reads byte by byte.
+_SHORT_LINE: Final = 32
+
+
 def _simple_end(data: bytes, pos: int) -> int:
     """Where a one-line or bulk-string reply at ``data[pos]`` ends, if all of it is
     there; -1 for anything else (the parser reads that)."""
     n = len(data)
     kind = data[pos]
     if kind == 0x2B or kind == 0x2D or kind == 0x3A:  # + - :  # noqa: PLR1714 (per reply)
-        end = data.find(b"\r\n", pos + 1, pos + MAX_LINE)
+        # A short line is looked through here (bytes.find is a call by name when
+        # compiled), a longer one from where that stopped.
+        i = pos + 1
+        stop = min(n - 1, pos + _SHORT_LINE)
+        while i < stop:
+            if data[i] == 13 and data[i + 1] == 10:
+                return i + 2
+            i += 1
+        end = data.find(b"\r\n", i, pos + MAX_LINE)
         return end + 2 if end > 0 else -1
     if kind != 0x24:  # $
         return -1
@@ -632,6 +644,10 @@ _OFF: Final = 1  # CLIENT REPLY OFF: no replies until CLIENT REPLY ON
 _SKIP: Final = 2  # CLIENT REPLY SKIP: no reply to the next command
 
 
+#: How many names of plain requests a framing keeps (a power of two: see _plain).
+_NAME_SLOTS: Final = 16
+
+
 def _skip_bulk(data: bytes, i: int) -> int:
     """Where the bulk string at ``data[i]`` ends, or -1 if it is cut short or odd."""
     n = len(data)
@@ -640,12 +656,17 @@ def _skip_bulk(data: bytes, i: int) -> int:
     i += 1
     j = i
     length = 0
-    while i < n and 0x30 <= data[i] <= 0x39 and length <= MAX_BULK:
-        length = length * 10 + data[i] - 0x30
+    while i < n:
+        c = data[i]
+        if c < 0x30 or c > 0x39:
+            break
+        length = length * 10 + c - 0x30
+        if length > MAX_BULK:
+            return -1
         i += 1
-    if i == j or length > MAX_BULK or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+    if i == j or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
         return -1
-    end = i + 2 + length + 2
+    end = i + 4 + length
     return end if end <= n else -1
 
 
@@ -664,6 +685,9 @@ class RespFraming(Framing):
         self._part = bytearray()  # the kept argument so far
         self._args: list[bytes] = []  # the arguments kept
         self._want = 1  # how many leading arguments to keep
+        # Names of recent plain requests and their expectations (see _plain).
+        self._names: list[bytes] = [b""] * _NAME_SLOTS
+        self._named: list[Expect] = [_UNKNOWN] * _NAME_SLOTS
         # Session state that changes how replies pair with requests.
         self._mode = _ON
         self._multi: list[Expect] | None = None  # MULTI: each queued command's expectation
@@ -734,47 +758,83 @@ class RespFraming(Framing):
             return -1
         i = pos + 1
         count = 0
-        while i < n and 0x30 <= data[i] <= 0x39 and count <= MAX_ARGS:
-            count = count * 10 + data[i] - 0x30
+        while i < n:
+            c = data[i]
+            if c < 0x30 or c > 0x39:
+                break
+            count = count * 10 + c - 0x30
+            if count > MAX_ARGS:
+                return -1
             i += 1
-        if count == 0 or count > MAX_ARGS or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+        if count == 0 or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
             return -1
         i += 2
         args: list[bytes] = []
         want = 1
-        for k in range(count):
+        k = 0
+        while k < count:
             if i >= n or data[i] != 0x24:  # $
                 return -1
             i += 1
             j = i
             length = 0
-            while i < n and 0x30 <= data[i] <= 0x39 and length <= MAX_BULK:
-                length = length * 10 + data[i] - 0x30
+            while i < n:
+                c = data[i]
+                if c < 0x30 or c > 0x39:
+                    break
+                length = length * 10 + c - 0x30
+                if length > MAX_BULK:
+                    return -1
                 i += 1
-            if i == j or length > MAX_BULK or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+            if i == j or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
                 return -1
             i += 2
             end = i + length
             if end + 2 > n:
                 return -1
-            if k < want:
+            if k == 0:
+                expect = self._plain(data, i, end)
+                if expect is not None and self._multi is None and self._mode == _ON:
+                    # An ordinary command (most are): only its name matters.
+                    i = end + 2
+                    left = count - 1
+                    while left > 0:
+                        i = _skip_bulk(data, i)
+                        if i < 0:
+                            return -1
+                        left -= 1
+                    self.queue(expect)
+                    return i
                 arg = data[i:end]
-                if k == 0:
-                    expect = self.rules.plain(arg)
-                    if expect is not None and self._multi is None and self._mode == _ON:
-                        # An ordinary command (most are): only its name matters.
-                        i = end + 2
-                        for _ in range(count - 1):
-                            i = _skip_bulk(data, i)
-                            if i < 0:
-                                return -1
-                        self.queue(expect)
-                        return i
-                    want = self.rules.wants(arg.lower())
+                want = self.rules.wants(arg.lower())
                 args.append(arg)
+            elif k < want:
+                args.append(data[i:end])
             i = end + 2
+            k += 1
         self._request(args)
         return i
+
+    def _plain(self, data: bytes, i: int, end: int) -> Expect | None:
+        """``rules.plain(data[i:end])``. The names of recent plain requests are kept
+        in a few slots (by their length and first and last bytes) and compared in
+        place: most requests repeat a name, and are then read without a copy."""
+        length = end - i
+        slot = (data[i] ^ data[end - 1] ^ length) & (_NAME_SLOTS - 1) if length else 0
+        if length:
+            name = self._names[slot]
+            if len(name) == length:
+                j = 0
+                while j < length and data[i + j] == name[j]:
+                    j += 1
+                if j == length:
+                    return self._named[slot]
+        name = data[i:end]
+        expect = self.rules.plain(name)
+        if expect is not None and length:
+            self._names[slot] = name
+            self._named[slot] = expect
+        return expect
 
     def _argument_done(self) -> None:
         args = self._args
@@ -889,9 +949,30 @@ class RespFraming(Framing):
             self.lose()
             return None
         expect = self.expect_next()
-        if expect is not None:
+        if expect is not None and not self._reply.fresh:
             self._reply.reset()
         return expect
+
+    def run(self, data: bytes, pos: int, at: int, starts: list[int], expects: list[Expect]) -> int:
+        if self.lost:
+            return pos
+        due = self._due
+        taken = self._taken
+        m = len(due)
+        n = len(data)
+        while taken < m and pos < n:
+            expect = due[taken]
+            if not expect.exact or expect.learns:  # (a LOST marker is not exact either)
+                break
+            end = _simple_end(data, pos)  # (-1 for a RESP3 push too)
+            if end < 0:
+                break
+            starts.append(at + pos)
+            expects.append(expect)
+            taken += 1
+            pos = end
+        self._took(taken)
+        return pos
 
     def feed(self, data: bytes, pos: int) -> int:
         reply = self._reply

@@ -910,8 +910,10 @@ class Session:
         # Replies the window has passed (but the one it starts in) are forgotten.
         head = self._head
         base = self._window_base
-        while head + 1 < len(starts) and starts[head + 1] <= base:
-            head += 1
+        if head + 1 < len(starts) and starts[head + 1] <= base:
+            # (a search, not a walk: in sync mode the passed replies' offsets are
+            # cold in the cache by now)
+            head = bisect.bisect_right(starts, base, head + 1) - 1
         if head > 256:
             del starts[:head]
             del expects[:head]
@@ -920,6 +922,15 @@ class Session:
         n = len(data)
         while pos < n:
             if not self._open:
+                # Whole, exact replies first, many in one call (most are).
+                ran = len(starts)
+                stop = f.run(data, pos, start, starts, expects)
+                if stop > pos:
+                    self._replies += len(starts) - ran
+                    self._last_end = start + stop
+                    pos = stop
+                    if pos >= n:
+                        break
                 if f.says_last_words and f.last_words(data, pos):
                     # Between replies, its last words (PostgreSQL's FATAL when its
                     # postmaster died): held, as inside a reply.
