@@ -648,26 +648,35 @@ _SKIP: Final = 2  # CLIENT REPLY SKIP: no reply to the next command
 _NAME_SLOTS: Final = 16
 
 
-def _skip_bulk(data: bytes, i: int) -> int:
-    """Where the bulk string at ``data[i]`` ends, or -1 if it is cut short or odd."""
+def _number_line(data: bytes, i: int, most: int) -> tuple[int, int]:
+    """The decimal number at ``data[i]`` that ends its line (CRLF): its value and
+    where the line ends; ``(-1, -1)`` if it has no digit, passes ``most``, or its
+    CRLF is not all there. (Digit by digit: compiled, no slice and no int().)"""
     n = len(data)
-    if i >= n or data[i] != 0x24:  # $
-        return -1
-    i += 1
     j = i
-    length = 0
+    value = 0
     while i < n:
         c = data[i]
         if c < 0x30 or c > 0x39:
             break
-        length = length * 10 + c - 0x30
-        if length > MAX_BULK:
-            return -1
+        value = value * 10 + c - 0x30
+        if value > most:
+            return -1, -1
         i += 1
     if i == j or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+        return -1, -1
+    return value, i + 2
+
+
+def _skip_bulk(data: bytes, i: int) -> int:
+    """Where the bulk string at ``data[i]`` ends, or -1 if it is cut short or odd."""
+    if i >= len(data) or data[i] != 0x24:  # $
         return -1
-    end = i + 4 + length
-    return end if end <= n else -1
+    length, i = _number_line(data, i + 1, MAX_BULK)
+    if i < 0:
+        return -1
+    end = i + length + 2
+    return end if end <= len(data) else -1
 
 
 class RespFraming(Framing):
@@ -756,39 +765,18 @@ class RespFraming(Framing):
         n = len(data)
         if data[pos] != 0x2A:  # *
             return -1
-        i = pos + 1
-        count = 0
-        while i < n:
-            c = data[i]
-            if c < 0x30 or c > 0x39:
-                break
-            count = count * 10 + c - 0x30
-            if count > MAX_ARGS:
-                return -1
-            i += 1
-        if count == 0 or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+        count, i = _number_line(data, pos + 1, MAX_ARGS)
+        if count <= 0:
             return -1
-        i += 2
         args: list[bytes] = []
         want = 1
         k = 0
         while k < count:
             if i >= n or data[i] != 0x24:  # $
                 return -1
-            i += 1
-            j = i
-            length = 0
-            while i < n:
-                c = data[i]
-                if c < 0x30 or c > 0x39:
-                    break
-                length = length * 10 + c - 0x30
-                if length > MAX_BULK:
-                    return -1
-                i += 1
-            if i == j or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+            length, i = _number_line(data, i + 1, MAX_BULK)
+            if i < 0:
                 return -1
-            i += 2
             end = i + length
             if end + 2 > n:
                 return -1

@@ -1096,15 +1096,20 @@ class Session:
                 r.out = start + k
                 data = data[k:]
             if span is not None and r.out == span.start and data:
-                r.span = span
-                r.mbuf = bytearray()
-                r.mown = 0
-                r.mlen = -1
-                r.mkept = True
-                assert self._framing is not None
-                r.mparser = self._framing.parser(span.expect)
-                self._resolving_data(r, data, actions)
+                self._enter(r, span, data, actions)
                 return
+
+    def _enter(self, r: _Upstream, span: _Reply, data: bytes, actions: list[Action]) -> None:
+        """``r``, at ``span``'s start, sent ``data`` from there: its version of that
+        reply begins, collected whole and compared by the reply's rule."""
+        r.span = span
+        r.mbuf = bytearray()
+        r.mown = 0
+        r.mlen = -1
+        r.mkept = True
+        assert self._framing is not None
+        r.mparser = self._framing.parser(span.expect)
+        self._resolving_data(r, data, actions)
 
     def _resolving_data(self, r: _Upstream, data: bytes, actions: list[Action]) -> None:
         """``r`` sent ``data`` inside its version of a reply that may differ."""
@@ -1235,14 +1240,7 @@ class Session:
             else:
                 mine = bytes(self._window[span.start - base : start - base]) + data
             r.out = span.start
-            r.span = span
-            r.mbuf = bytearray()
-            r.mown = 0
-            r.mlen = -1
-            r.mkept = True
-            assert self._framing is not None
-            r.mparser = self._framing.parser(span.expect)
-            self._resolving_data(r, mine, actions)
+            self._enter(r, span, mine, actions)
             return
         where = f"output differs at offset {at}"
         starts = self._starts
