@@ -118,6 +118,10 @@ class McParser(ReplyParser):
     """Finds where one memcached reply of a given shape ends."""
 
     def __init__(self, shape: int) -> None:
+        self.reset(shape)
+
+    def reset(self, shape: int) -> None:
+        """Ready for a new reply of ``shape``."""
         self.shape = shape
         self.line = b""  # the start of a line the last chunk cut
         self.skip = 0  # bytes of a data block (with its CRLF) still to pass
@@ -125,6 +129,12 @@ class McParser(ReplyParser):
 
     def feed(self, data: bytes, pos: int) -> int:
         n = len(data)
+        if self.shape == LINE and not self.line and not self.skip:
+            # A one-line reply (STORED, DELETED, a number, an error), whole here: its
+            # end is all that matters. (_line answers 1 for every line of this shape.)
+            end = data.find(b"\n", pos)
+            if end >= 0:
+                return end + 1
         while True:
             if self.skip:
                 take = min(self.skip, n - pos)
@@ -154,6 +164,8 @@ class McParser(ReplyParser):
 
     def _line(self, line: bytes) -> int:
         """1: the reply ended with this line; 0: it goes on; -1: not a reply."""
+        if line == b"END" and self.shape != META_GET:
+            return 1  # (the usual end of a retrieval or stats reply)
         word = line.split(b" ", 1)[0]
         if word in (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR"):
             return 1
@@ -284,7 +296,11 @@ class McFraming(Framing):
         expect = self.expect_next()
         if expect is not None:
             assert isinstance(expect, McExpect)
-            self._reply = McParser(expect.shape)
+            reply = self._reply
+            if reply is None:
+                self._reply = McParser(expect.shape)
+            else:
+                reply.reset(expect.shape)  # (one parser for the primary's replies)
         return expect
 
     def feed(self, data: bytes, pos: int) -> int:
