@@ -1619,9 +1619,9 @@ class Session:
             # The client has part of a reply the old primary will never finish: only
             # a replica whose version starts with the same bytes can go on with it.
             if last.in_place and r.span is None:
-                # Compared in place so far: it goes on byte for byte (what it has yet
-                # to repeat of the client's part is compared as it comes).
-                return r.out >= last.start
+                # Compared in place: it goes on byte for byte once it has matched all
+                # the client has of that reply (as a version collected whole must).
+                return r.out >= delivered
             have = delivered - last.start
             base = self._window_base
             return (
