@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -304,67 +305,15 @@ def test_replies_that_differ_as_the_rules_allow_never_stop_replication_or_takeov
         hot=hot,
         mode=mode,  # type: ignore[arg-type]
     )
-    requests = b"".join(s[0] for s in script)
-    ours = b"".join(s[1] for s in script)
-    theirs = b"".join(s[2] for s in script)
-    streams = {"c": _cut(requests, cuts[0]), P: _cut(ours, cuts[1]), R: _cut(theirs, cuts[2])}
-    # A reply never comes before its request: the primary's and the replica's chunks
-    # wait until the client's bytes they answer were sent.
-    sent = 0
-    events: list[tuple[str, bytes]] = []
-    queues = {k: list(v) for k, v in streams.items()}
-    answered = {P: 0, R: 0}
-    bounds = _reply_bounds(script)
-    while any(queues.values()):
-        ready = [k for k, q in queues.items() if q and (k == "c" or _may_answer(
-            answered[k], len(q[0]), bounds[k], sent, script))]  # fmt: skip
-        name = order.choice(sorted(ready))
-        chunk = queues[name].pop(0)
-        events.append((name, chunk))
-        if name == "c":
-            sent += len(chunk)
-        else:
-            answered[name] += len(chunk)
-    crashed = False
-    replica_sent = b""
-    for i, (name, chunk) in enumerate(events):
-        if crash_at is not None and i == crash_at and not crashed:
-            crashed = True
-            _crash(h, crash)
-        if name == "c":
-            h(ClientData(chunk))
-        elif not (crashed and name == P) and h.session.in_session(name):
-            h(UpstreamData(name, chunk))
-            if name == R:
-                replica_sent += chunk
-        _answer_checks(h)
-        if mode == "sync" and not crashed and h.session.matched(R) and h.session.in_session(R):
-            # Sync mode: the client has no reply the replica has not answered too
-            # (begun to answer, where the reply may differ in any way: INFO, HELLO).
-            seen, tail = _split_replies(replica_sent)
-            vouched = len(seen) + (1 if tail and script[len(seen)][0] in IGNORED else 0)
-            delivered, _ = _split_replies(bytes(h.written[CLIENT]))
-            assert len(delivered) <= vouched, (delivered, replica_sent)
-    if crash_at is not None and not crashed:
-        crashed = True
-        _crash(h, crash)
-    if crashed and not h.session.finished and h.session.primary == P:
-        h(TimerFired(Timer.PRIMARY_EOF))  # (the replica kept its connection: a check)
-        _answer_checks(h)
-    got = bytes(h.written[CLIENT])
-    replies, tail = _split_replies(got)
-    assert not h.reports("divergence"), h.reports("divergence")
-    assert not h.stale()
-    for i, reply in enumerate(replies):
-        assert reply in (script[i][1], script[i][2]), (i, reply, script[i])
-    if tail:
-        # Cut short: only where the primary failed inside a reply nobody could finish.
-        assert h.session.outcome == "primary_failed", (tail, h.session.outcome)
-        n = len(replies)
-        assert script[n][1].startswith(tail) or script[n][2].startswith(tail)
-    else:
-        assert h.session.primary == R or not crashed, "the replica took over"
-        assert len(replies) == len(script), "every reply arrives"
+
+    def vouched(replica_sent: bytes) -> int:
+        # Sync mode: the client has no reply the replica has not answered too (begun
+        # to answer, where the reply may differ in any way: INFO, HELLO).
+        seen, tail = _split_replies(replica_sent)
+        return len(seen) + (1 if tail and script[len(seen)][0] in IGNORED else 0)
+
+    events = _schedule(script, cuts, order)
+    _play(h, script, events, crash_at, crash, mode == "sync", _split_replies, vouched)
 
 
 def _crash(h: Harness, how: str) -> None:
@@ -395,6 +344,85 @@ def _may_answer(
     """Whether a server may send bytes [answered, answered + size): every reply they
     touch answers a request the client has sent whole."""
     return all(not (start < answered + size and needed > sent) for needed, start in bounds)
+
+
+def _schedule(
+    script: list[Step], cuts: list[list[int]], order: random.Random
+) -> list[tuple[str, bytes]]:
+    """The client's and both servers' chunks in an order where no server answers a
+    request before the client sent it whole."""
+    requests = b"".join(s[0] for s in script)
+    ours = b"".join(s[1] for s in script)
+    theirs = b"".join(s[2] for s in script)
+    queues = {"c": _cut(requests, cuts[0]), P: _cut(ours, cuts[1]), R: _cut(theirs, cuts[2])}
+    sent = 0
+    events: list[tuple[str, bytes]] = []
+    answered = {P: 0, R: 0}
+    bounds = _reply_bounds(script)
+    while any(queues.values()):
+        ready = [k for k, q in queues.items() if q and (k == "c" or _may_answer(
+            answered[k], len(q[0]), bounds[k], sent, script))]  # fmt: skip
+        name = order.choice(sorted(ready))
+        chunk = queues[name].pop(0)
+        events.append((name, chunk))
+        if name == "c":
+            sent += len(chunk)
+        else:
+            answered[name] += len(chunk)
+    return events
+
+
+def _play(
+    h: Harness,
+    script: list[Step],
+    events: list[tuple[str, bytes]],
+    crash_at: int | None,
+    crash: str,
+    sync: bool,
+    split: Callable[[bytes], tuple[list[bytes], bytes]],
+    vouched: Callable[[bytes], int],
+) -> bool:
+    """Feed ``events`` to ``h``, failing the primary (``crash``) before event ``crash_at``
+    if given, and hold the session to the guarantees: in sync mode, the client never
+    has more whole replies (by ``split``) than ``vouched`` says the replica's output
+    vouches for; at the end, no divergence, nobody stale, and each reply whole, once,
+    in order, as one server or the other sent it. Returns whether the primary failed."""
+    crashed = False
+    replica_sent = b""
+    for i, (name, chunk) in enumerate(events):
+        if crash_at is not None and i == crash_at and not crashed:
+            crashed = True
+            _crash(h, crash)
+        if name == "c":
+            h(ClientData(chunk))
+        elif not (crashed and name == P) and h.session.in_session(name):
+            h(UpstreamData(name, chunk))
+            if name == R:
+                replica_sent += chunk
+        _answer_checks(h)
+        if sync and not crashed and h.session.matched(R) and h.session.in_session(R):
+            delivered, _ = split(bytes(h.written[CLIENT]))
+            assert len(delivered) <= vouched(replica_sent), (delivered, replica_sent)
+    if crash_at is not None and not crashed:
+        crashed = True
+        _crash(h, crash)
+    if crashed and not h.session.finished and h.session.primary == P:
+        h(TimerFired(Timer.PRIMARY_EOF))  # (the replica kept its connection: a check)
+        _answer_checks(h)
+    replies, tail = split(bytes(h.written[CLIENT]))
+    assert not h.reports("divergence"), h.reports("divergence")
+    assert not h.stale()
+    for i, reply in enumerate(replies):
+        assert reply in (script[i][1], script[i][2]), (i, reply, script[i])
+    if tail:
+        # Cut short: only where the primary failed inside a reply nobody could finish.
+        assert h.session.outcome == "primary_failed", (tail, h.session.outcome)
+        n = len(replies)
+        assert script[n][1].startswith(tail) or script[n][2].startswith(tail)
+    else:
+        assert h.session.primary == R or not crashed, "the replica took over"
+        assert len(replies) == len(script), "every reply arrives"
+    return crashed
 
 
 def test_after_monitor_each_servers_output_is_its_own_and_not_compared() -> None:
@@ -604,30 +632,6 @@ def _split_http(stream: bytes) -> tuple[list[bytes], bytes]:
     return out, stream[pos:]
 
 
-def _schedule(script: list[Step], cuts: list[list[int]], order: random.Random) -> list[Any]:
-    """The client's and both servers' chunks in an order where no server answers a
-    request before the client sent it whole."""
-    requests = b"".join(s[0] for s in script)
-    ours = b"".join(s[1] for s in script)
-    theirs = b"".join(s[2] for s in script)
-    queues = {"c": _cut(requests, cuts[0]), P: _cut(ours, cuts[1]), R: _cut(theirs, cuts[2])}
-    sent = 0
-    events: list[tuple[str, bytes]] = []
-    answered = {P: 0, R: 0}
-    bounds = _reply_bounds(script)
-    while any(queues.values()):
-        ready = [k for k, q in queues.items() if q and (k == "c" or _may_answer(
-            answered[k], len(q[0]), bounds[k], sent, script))]  # fmt: skip
-        name = order.choice(sorted(ready))
-        chunk = queues[name].pop(0)
-        events.append((name, chunk))
-        if name == "c":
-            sent += len(chunk)
-        else:
-            answered[name] += len(chunk)
-    return events
-
-
 @settings(max_examples=300, deadline=None)
 @given(
     script=st.lists(http_steps(), min_size=1, max_size=6),
@@ -659,42 +663,17 @@ def test_http_responses_whose_date_differs_never_stop_replication_or_takeover(
         hot=hot,
         mode=mode,  # type: ignore[arg-type]
     )
-    crashed = False
-    replica_sent = b""
-    for i, (name, chunk) in enumerate(_schedule(script, cuts, order)):
-        if crash_at is not None and i == crash_at and not crashed:
-            crashed = True
-            _crash(h, crash)
-        if name == "c":
-            h(ClientData(chunk))
-        elif not (crashed and name == P) and h.session.in_session(name):
-            h(UpstreamData(name, chunk))
-            if name == R:
-                replica_sent += chunk
-        _answer_checks(h)
-        if mode == "sync" and not crashed and h.session.matched(R) and h.session.in_session(R):
-            # Sync mode: no response reaches the client whole before the replica's.
-            seen, _ = _split_http(replica_sent)
-            delivered, _ = _split_http(bytes(h.written[CLIENT]))
-            assert len(delivered) <= len(seen), (delivered, replica_sent)
-    if crash_at is not None and not crashed:
-        crashed = True
-        _crash(h, crash)
-    if crashed and not h.session.finished and h.session.primary == P:
-        h(TimerFired(Timer.PRIMARY_EOF))
-        _answer_checks(h)
-    replies, tail = _split_http(bytes(h.written[CLIENT]))
-    assert not h.reports("divergence"), h.reports("divergence")
-    assert not h.stale()
-    for i, reply in enumerate(replies):
-        assert reply in (script[i][1], script[i][2]), (i, reply, script[i])
-    if tail:
-        assert h.session.outcome == "primary_failed", (tail, h.session.outcome)
-        n = len(replies)
-        assert script[n][1].startswith(tail) or script[n][2].startswith(tail)
-    else:
-        assert h.session.primary == R or not crashed, "the replica took over"
-        assert len(replies) == len(script), "every reply arrives"
+    # Sync mode: no response reaches the client whole before the replica's.
+    crashed = _play(
+        h,
+        script,
+        _schedule(script, cuts, order),
+        crash_at,
+        crash,
+        mode == "sync",
+        _split_http,
+        lambda replica_sent: len(_split_http(replica_sent)[0]),
+    )
     if not crashed:
         differing = sum(1 for _, ours, theirs in script if ours != theirs)
         assert len(h.reports("allowed")) == differing
