@@ -53,6 +53,40 @@ def frame(framing: Framing, requests: bytes, replies: bytes, cuts: list[int]) ->
     return ends
 
 
+def frame_in_runs(framing: Framing, requests: bytes, replies: bytes, cuts: list[int]) -> list[int]:
+    """As :func:`frame`, with :meth:`Framing.run` asked first between replies, as the
+    session does: it frames what it can of each piece in one call."""
+    framing.request(requests)
+    ends: list[int] = []
+    offset = 0
+    inside = False
+    for piece in _pieces(replies, cuts):
+        pos = 0
+        while pos < len(piece):
+            if not inside:
+                starts: list[int] = []  # (where each reply run frames starts, in the stream)
+                ran = framing.run(piece, pos, offset, starts, [])
+                assert (ran > pos) == bool(starts) and starts[:1] in ([], [offset + pos])
+                ends.extend(starts[1:])  # (each reply ends where the next starts)
+                if starts:
+                    ends.append(offset + ran)
+                    pos = ran
+                    if pos >= len(piece):
+                        break
+                expect = framing.begin(piece, pos)
+                assert expect is not None, (piece, pos)
+                inside = True
+            end = framing.feed(piece, pos)
+            assert end != GARBAGE, (piece, pos)
+            if end == MORE:
+                break
+            ends.append(offset + end)
+            inside = False
+            pos = end
+        offset += len(piece)
+    return ends
+
+
 def replies_of(framing: Framing, requests: bytes, replies: bytes) -> list[tuple[Expect, bytes]]:
     """Each reply, whole, with what it answers."""
     framing.request(requests)
@@ -334,6 +368,10 @@ mc_exchange = st.one_of(
     st.binary(max_size=6).map(lambda v: (b"mg k v\r\n", b"VA %d\r\n%s\r\n" % (len(v), v))),
     st.just((b"mg k v\r\n", b"EN\r\n")),
     st.just((b"delete k noreply\r\n", b"")),
+    st.just((b"get k noreply\r\n", b"END\r\n")),
+    st.binary(max_size=6).map(
+        lambda v: (b"gets k\r\n", b"VALUE k 7 %d 12345\r\n%s\r\nEND\r\n" % (len(v), v))
+    ),
 )
 
 
@@ -352,6 +390,27 @@ def test_memcached_every_split_frames_the_same(
     whole = frame(McFraming(), requests, replies, [])
     assert len(whole) == len(answered)
     assert frame(McFraming(), requests, replies, cuts) == whole
+
+
+@settings(max_examples=300)
+@given(exchanges=st.lists(mc_exchange, min_size=1, max_size=6), cuts=cuts)
+def test_memcached_replies_framed_in_runs_end_where_framed_one_by_one(
+    exchanges: list[tuple[bytes, bytes]], cuts: list[int]
+) -> None:
+    requests = b"".join(q for q, _ in exchanges)
+    replies = b"".join(r for _, r in exchanges)
+    assert frame_in_runs(McFraming(), requests, replies, cuts) == frame(
+        McFraming(), requests, replies, []
+    )
+
+
+def test_memcached_noreply_silences_only_the_commands_that_read_it() -> None:
+    framing = McFraming()
+    framing.request(b"set k 0 0 1 noreply\r\nx\r\ndelete k noreply\r\nincr n 1 noreply\r\n")
+    assert framing.pending == []
+    # (memcached reads no noreply in a retrieval or stats: a key, an argument)
+    framing.request(b"get k noreply\r\nstats noreply\r\n")
+    assert [e.label for e in framing.pending] == ["GET", "STATS"]
 
 
 def test_memcached_cas_uniques_and_stats_may_differ_values_not() -> None:

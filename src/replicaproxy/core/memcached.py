@@ -42,6 +42,12 @@ _WITH_CAS: Final = frozenset({b"gets", b"gats"})
 _META: Final = frozenset({b"mg", b"ms", b"md", b"ma", b"mn", b"me"})
 #: Commands with no reply at all.
 _SILENT: Final = frozenset({b"quit"})
+#: Commands that a last word ``noreply`` silences (memcached's set_noreply_maybe):
+#: storage, ``delete``, ``incr``/``decr``, ``touch``, ``verbosity``, ``flush_all``.
+#: For any other, ``noreply`` is an argument (``get k noreply`` reads two keys).
+_NOREPLY: Final = _STORAGE | frozenset(
+    {b"delete", b"incr", b"decr", b"touch", b"verbosity", b"flush_all"}
+)
 #: Commands after which replies no longer pair with requests: a stream of log lines.
 _UNMODELLED: Final = frozenset({b"watch"})
 
@@ -137,7 +143,7 @@ class McParser(ReplyParser):
                 return end + 1
         while True:
             if self.skip:
-                take = min(self.skip, n - pos)
+                take = self.skip if self.skip < n - pos else n - pos
                 pos += take
                 self.skip -= take
                 if self.skip:
@@ -194,6 +200,71 @@ class McParser(ReplyParser):
         return 1 if shape == STATS else -1  # (stats subcommands answer other lines too)
 
 
+def _is_get(data: bytes, pos: int, end: int) -> bool:
+    """Whether the line from ``data[pos]`` to ``end`` (its LF, or -1) is a ``get``."""
+    return (
+        end - pos > 4
+        and data[pos] == 0x67  # g
+        and data[pos + 1] == 0x65  # e
+        and data[pos + 2] == 0x74  # t
+        and data[pos + 3] == 0x20
+    )
+
+
+def _values_end(data: bytes, pos: int) -> int:
+    """Where the retrieval reply at ``data[pos]`` ends, if all of it is there and it
+    is the usual kind (``VALUE KEY FLAGS BYTES [CAS]`` lines with their data, then
+    END); -1 otherwise, and the parser reads it. (Most replies are: they are read
+    with a search for each key's end instead of a split and a parse per line.)"""
+    n = len(data)
+    i = pos
+    while i + 5 <= n:
+        if data[i] == 0x45:  # E
+            ends = data[i + 1] == 0x4E and data[i + 2] == 0x44  # ND
+            return i + 5 if ends and data[i + 3] == 13 and data[i + 4] == 10 else -1
+        if not data.startswith(b"VALUE ", i):
+            return -1
+        i = data.find(b" ", i + 6)  # the key's end
+        if i < 0:
+            return -1
+        flags, i = _number(data, i + 1, 0x20)
+        if flags < 0:
+            return -1
+        size, i = _number(data, i, 0x0D)  # (then a CAS unique or the line's end)
+        if size < 0:
+            return -1
+        if data[i - 1] == 0x20:  # the CAS unique
+            i = data.find(b"\r\n", i)
+            if i < 0:
+                return -1
+            i += 2
+        elif i >= n or data[i] != 10:
+            return -1
+        else:
+            i += 1
+        i += size + 2  # the data and its CRLF
+    return -1
+
+
+def _number(data: bytes, i: int, stop: int) -> tuple[int, int]:
+    """The field of 1 to 12 digits at ``data[i]`` ended by a space or by ``stop``: its
+    value and where what follows its end begins; ``(-1, -1)`` if there is none."""
+    n = len(data)
+    j = i
+    value = 0
+    while j < n and j - i < 13:
+        c = data[j]
+        if c == 0x20 or c == stop:  # noqa: PLR1714 (compiled: two compares, no tuple)
+            if j == i or j - i > 12:
+                return -1, -1
+            return value, j + 1
+        if c < 0x30 or c > 0x39:
+            return -1, -1
+        value = value * 10 + c - 0x30
+        j += 1
+    return -1, -1
+
+
 def _field(line: bytes, at: int) -> int:
     """The non-negative integer field ``at`` of ``line``; -1 if there is none."""
     words = line.split(b" ")
@@ -211,6 +282,7 @@ class McFraming(Framing):
         self._skip = 0  # bytes of a storage command's data block still to pass
         self._reply: McParser | None = None
         self._expects: dict[tuple[bytes, bool], McExpect] = {}
+        self._get = self._expect(b"get", VALUES)
 
     def request(self, data: bytes) -> None:
         if self.deaf:
@@ -222,11 +294,17 @@ class McFraming(Framing):
             return
         while pos < n:
             if self._skip:
-                take = min(self._skip, n - pos)
+                take = self._skip if self._skip < n - pos else n - pos
                 pos += take
                 self._skip -= take
                 continue
             end = data.find(b"\n", pos)
+            if _is_get(data, pos, end) and not self._line:
+                # Most requests are gets: one reply of VALUE blocks and END, whatever
+                # the keys (the line is not split).
+                self.queue(self._get)
+                pos = end + 1
+                continue
             if end < 0:
                 self._line += data[pos:]
                 if len(self._line) > MAX_LINE:
@@ -246,7 +324,7 @@ class McFraming(Framing):
             self.queue(self._expect(b"", LINE))  # memcached answers ERROR
             return True
         command = words[0].lower()
-        quiet = words[-1] == b"noreply"
+        quiet = words[-1] == b"noreply" and command in _NOREPLY
         if command in _STORAGE:
             size = int(words[4]) if len(words) > 4 and words[4].isdigit() else -1
             if size < 0 or size > MAX_DATA:
@@ -303,9 +381,43 @@ class McFraming(Framing):
                 reply.reset(expect.shape)  # (one parser for the primary's replies)
         return expect
 
+    def run(self, data: bytes, pos: int, at: int, starts: list[int], expects: list[Expect]) -> int:
+        if self.lost:
+            return pos
+        due = self._due
+        taken = self._taken
+        m = len(due)
+        n = len(data)
+        while taken < m and pos < n:
+            expect = due[taken]
+            if not expect.exact or not isinstance(expect, McExpect):  # (nor a LOST marker)
+                break
+            if expect.shape == VALUES:
+                end = _values_end(data, pos)
+            elif expect.shape == LINE:
+                end = data.find(b"\n", pos)
+                end = end + 1 if end >= 0 else -1
+            else:
+                break
+            if end < 0:
+                break
+            starts.append(at + pos)
+            expects.append(expect)
+            taken += 1
+            pos = end
+        self._took(taken)
+        return pos
+
     def feed(self, data: bytes, pos: int) -> int:
-        assert self._reply is not None
-        return self._reply.feed(data, pos)
+        reply = self._reply
+        assert reply is not None
+        if reply.shape == VALUES and not reply.skip and not reply.line:
+            # Between lines of a retrieval reply (its start, most often): the rest
+            # of it, if whole, at once.
+            end = _values_end(data, pos)
+            if end > 0:
+                return end
+        return reply.feed(data, pos)
 
     def parser(self, expect: Expect) -> ReplyParser:
         assert isinstance(expect, McExpect)

@@ -1423,7 +1423,11 @@ class Session:
         or a new primary yet to repeat it.
         """
         p = self._primary
-        need = min(self._frontier, p.out if p.span is None else self._hold(p), self.delivered)
+        need = p.out if p.span is None else self._hold(p)
+        if self._frontier < need:  # noqa: PLR1730 (min() is a call here, per chunk)
+            need = self._frontier
+        if self.delivered < need:  # noqa: PLR1730
+            need = self.delivered
         for r in self._mirrors:
             if r.compared:
                 hold = r.out if r.span is None else self._hold(r)
