@@ -668,11 +668,20 @@ def _number_line(data: bytes, i: int, most: int) -> tuple[int, int]:
     return value, i + 2
 
 
+def _small_line(data: bytes, i: int, most: int) -> tuple[int, int]:
+    """:func:`_number_line`, a number of one digit (an argument count, a command
+    name's length) read without a loop."""
+    if i + 2 < len(data) and data[i + 1] == 13 and data[i + 2] == 10:
+        c = data[i] - 0x30
+        return (c, i + 3) if 0 <= c <= 9 and c <= most else (-1, -1)
+    return _number_line(data, i, most)
+
+
 def _skip_bulk(data: bytes, i: int) -> int:
     """Where the bulk string at ``data[i]`` ends, or -1 if it is cut short or odd."""
     if i >= len(data) or data[i] != 0x24:  # $
         return -1
-    length, i = _number_line(data, i + 1, MAX_BULK)
+    length, i = _small_line(data, i + 1, MAX_BULK)
     if i < 0:
         return -1
     end = i + length + 2
@@ -765,12 +774,31 @@ class RespFraming(Framing):
         n = len(data)
         if data[pos] != 0x2A:  # *
             return -1
-        count, i = _number_line(data, pos + 1, MAX_ARGS)
-        if count <= 0:
+        count, i = _small_line(data, pos + 1, MAX_ARGS)
+        if count <= 0 or i + 4 > n or data[i] != 0x24:  # $
             return -1
-        args: list[bytes] = []
-        want = 1
-        k = 0
+        # The command's name.
+        length, i = _small_line(data, i + 1, MAX_BULK)
+        end = i + length
+        if i < 0 or end + 2 > n:
+            return -1
+        expect = self._plain(data, i, end)
+        if expect is not None and self._multi is None and self._mode == _ON:
+            # An ordinary command (most are): only its name matters.
+            i = end + 2
+            left = count - 1
+            while left > 0:
+                i = _skip_bulk(data, i)
+                if i < 0:
+                    return -1
+                left -= 1
+            self.queue(expect)
+            return i
+        arg = data[i:end]
+        want = self.rules.wants(arg.lower())
+        args = [arg]
+        i = end + 2
+        k = 1
         while k < count:
             if i >= n or data[i] != 0x24:  # $
                 return -1
@@ -780,23 +808,7 @@ class RespFraming(Framing):
             end = i + length
             if end + 2 > n:
                 return -1
-            if k == 0:
-                expect = self._plain(data, i, end)
-                if expect is not None and self._multi is None and self._mode == _ON:
-                    # An ordinary command (most are): only its name matters.
-                    i = end + 2
-                    left = count - 1
-                    while left > 0:
-                        i = _skip_bulk(data, i)
-                        if i < 0:
-                            return -1
-                        left -= 1
-                    self.queue(expect)
-                    return i
-                arg = data[i:end]
-                want = self.rules.wants(arg.lower())
-                args.append(arg)
-            elif k < want:
+            if k < want:
                 args.append(data[i:end])
             i = end + 2
             k += 1
