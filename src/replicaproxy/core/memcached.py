@@ -42,11 +42,13 @@ _WITH_CAS: Final = frozenset({b"gets", b"gats"})
 _META: Final = frozenset({b"mg", b"ms", b"md", b"ma", b"mn", b"me"})
 #: Commands with no reply at all.
 _SILENT: Final = frozenset({b"quit"})
-#: Commands that a last word ``noreply`` silences (memcached's set_noreply_maybe):
-#: storage, ``delete``, ``incr``/``decr``, ``touch``, ``verbosity``, ``flush_all``.
-#: For any other, ``noreply`` is an argument (``get k noreply`` reads two keys).
-_NOREPLY: Final = _STORAGE | frozenset(
-    {b"delete", b"incr", b"decr", b"touch", b"verbosity", b"flush_all"}
+#: Commands that a last word ``noreply`` silences (those that call memcached's
+#: set_noreply_maybe, as memcached 1.6.18 answers them). For any other, ``noreply``
+#: is an argument (``get k noreply`` reads two keys, and answers).
+_NOREPLY: Final = (
+    _STORAGE
+    | frozenset({b"delete", b"incr", b"decr", b"touch", b"verbosity", b"flush_all"})
+    | frozenset({b"cache_memlimit", b"slabs", b"lru"})
 )
 #: Commands after which replies no longer pair with requests: a stream of log lines.
 _UNMODELLED: Final = frozenset({b"watch"})
