@@ -24,6 +24,7 @@ from replicaproxy.logutil import (
     LineFormatter,
     LogQueue,
     LogWriter,
+    LoopWriter,
     one_line,
 )
 from replicaproxy.options import Once
@@ -79,11 +80,13 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(getattr(logging, level.upper()))
     writer.start()
     atexit.register(writer.stop)  # what is still queued at exit gets written
-    global _log_writer
+    global _log_writer, _queue_handler
     _log_writer = writer
+    _queue_handler = queue_handler
 
 
 _log_writer: LogWriter | None = None
+_queue_handler: DroppingQueueHandler | None = None
 
 
 def _exit(code: int) -> NoReturn:
@@ -97,7 +100,34 @@ def _exit(code: int) -> NoReturn:
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    return uvloop.run(coro)
+    return uvloop.run(_writing_log_from_loop(coro))
+
+
+async def _writing_log_from_loop(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro`` with the loop's own log lines written by the loop (LoopWriter)."""
+    handler = _queue_handler
+    writer = None
+    if _log_writer is not None and handler is not None:
+        stream = _log_writer.handler
+        if isinstance(stream, logging.StreamHandler) and not stream.filters:
+            try:
+                stream.flush()
+                fd = stream.stream.fileno()
+            except (OSError, ValueError, AttributeError):
+                fd = -1  # (not a file: a test's, say): the writer thread's, then
+            formatter = stream.formatter or logging.Formatter()
+            if fd >= 0:
+                writer = LoopWriter.open(fd, asyncio.get_running_loop(), formatter)
+    if writer is None or handler is None:
+        return await coro
+    handler.loop_writer = writer
+    try:
+        return await coro
+    finally:
+        handler.loop_writer = None
+        rest = writer.close()
+        if rest:
+            handler.enqueue(rest.removesuffix("\n"))  # (the thread writes it, with its bound)
 
 
 LOG_LEVEL = click.option(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import math
 import os
 import queue
+import socket
 import ssl
+import stat
 import threading
 import time
 from collections import deque
@@ -15,14 +18,14 @@ from collections.abc import Callable
 
 from replicaproxy.tls import ssl_message
 
-#: Log records waiting for the writer thread; past this, new ones are dropped.
+#: Log records waiting for a writer (the thread's queue, or the loop's LoopWriter);
+#: past this, new ones are dropped.
 LOG_QUEUE = 10_000
-#: The writer writes at most once per this many seconds, all the lines waiting in one
-#: system call; a line that comes after a quiet spell is written at once. Each write
-#: takes the GIL from the event loop: one access line per session, written one by one,
-#: cost more CPU than the sessions' own Python code at a thousand sessions a second.
-#: 5 ms: at most 200 writes a second, and no person (or test) reading the log waits
-#: for a line longer than that.
+#: A writer writes at most once per this many seconds, all the lines waiting in one
+#: system call; a line that comes after a quiet spell is written at once. One access
+#: line per session, written one by one, cost more CPU than the sessions' own Python
+#: code at a thousand sessions a second. 5 ms: at most 200 writes a second, and no
+#: person (or test) reading the log waits for a line longer than that.
 LOG_BATCH = 0.005
 _TRACEBACK = logging.Formatter()  # (only its formatException is used)
 
@@ -93,10 +96,17 @@ class DroppingQueueHandler(logging.Handler):
         #: (set by whoever sets up the writer): the access log then queues its lines as
         #: text, made by it. None: records only.
         self.lines: LineFormatter | None = None
+        #: While the event loop runs (and stderr lets it): the records of the loop's
+        #: thread are written by the loop itself (see LoopWriter), not queued.
+        self.loop_writer: LoopWriter | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.enqueue(self.prepare(record))
+            writer = self.loop_writer
+            if writer is not None and writer.on_loop():
+                writer.add_record(record)
+            else:
+                self.enqueue(self.prepare(record))
         except Exception:
             self.handleError(record)
 
@@ -118,6 +128,10 @@ class DroppingQueueHandler(logging.Handler):
         return prepared
 
     def enqueue(self, record: Entry) -> None:
+        writer = self.loop_writer
+        if writer is not None and isinstance(record, str) and writer.on_loop():
+            writer.add(record)
+            return
         try:
             if self.dropped:
                 self.queue.put_nowait(self._dropped_note())
@@ -127,15 +141,20 @@ class DroppingQueueHandler(logging.Handler):
             self.dropped += 1
 
     def _dropped_note(self) -> logging.LogRecord:
-        return logging.LogRecord(
-            "replicaproxy",
-            logging.WARNING,
-            __file__,
-            0,
-            "%d log lines dropped: the log was not read for a while",
-            (self.dropped,),
-            None,
-        )
+        return dropped_note(self.dropped)
+
+
+def dropped_note(count: int) -> logging.LogRecord:
+    """The warning that ``count`` log lines were dropped."""
+    return logging.LogRecord(
+        "replicaproxy",
+        logging.WARNING,
+        __file__,
+        0,
+        "%d log lines dropped: the log was not read for a while",
+        (count,),
+        None,
+    )
 
 
 class LogWriter:
@@ -218,6 +237,142 @@ class LogWriter:
         self.records.wake()
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+class LoopWriter:
+    """Log lines written by the event loop's own thread, a batch at a time, with a
+    system call that never waits: no thread to hand them to.
+
+    Handing a batch to the writer thread passes the GIL from the loop and back, and
+    at a few thousand sessions a second (an access line each) that took a quarter of
+    the proxy's throughput; a write from the loop costs what the line does. It
+    must never wait for a reader, though, so stderr is written to as follows:
+
+    * a regular file, or a device such as /dev/null, as it is: a write to a file
+      waits for no reader;
+    * a pipe or a terminal through a descriptor of its own, opened anew with
+      O_NONBLOCK (stderr's own, shared with whatever else writes to it, is left
+      as it is);
+    * a socket (journald's) with MSG_DONTWAIT.
+
+    Anything else gets no LoopWriter (:meth:`open` returns None) and the writer thread
+    does it all. What the reader has no room for waits for the next batch; past
+    ``most`` lines waiting, new ones are dropped and counted, as the queue does.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[bytes], int],
+        loop: asyncio.AbstractEventLoop,
+        formatter: logging.Formatter,
+        *,
+        batch: float = LOG_BATCH,
+        most: int = LOG_QUEUE,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._loop = loop
+        self._formatter = formatter
+        self.batch = batch
+        self.most = most
+        self._close = close
+        self._thread = threading.get_ident()
+        self._lines: list[str] = []
+        self._unsent = b""  # what the last write had no room for
+        self._timer: asyncio.TimerHandle | None = None
+        self._written = -math.inf  # when the last batch was written (loop.time())
+        self.dropped = 0
+        self.broken = False  # nobody will read: the reader closed its end
+
+    @classmethod
+    def open(
+        cls, fd: int, loop: asyncio.AbstractEventLoop, formatter: logging.Formatter
+    ) -> LoopWriter | None:
+        """A LoopWriter for the stream at ``fd`` (stderr), or None where it cannot be
+        written without waiting (see the class)."""
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)):
+                return cls(lambda data: os.write(fd, data), loop, formatter)
+            if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+                own = os.open(
+                    f"/proc/self/fd/{fd}",
+                    os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                )
+                return cls(lambda data: os.write(own, data), loop, formatter,
+                           close=lambda: os.close(own))  # fmt: skip
+            if stat.S_ISSOCK(mode):
+                sock = socket.socket(fileno=os.dup(fd))
+                return cls(lambda data: sock.send(data, socket.MSG_DONTWAIT), loop, formatter,
+                           close=sock.close)  # fmt: skip
+        except OSError:
+            pass  # (no /proc, a FIFO with no reader yet, ...): the writer thread's, then
+        return None
+
+    def on_loop(self) -> bool:
+        """Whether the caller runs on the loop's thread (only it may add lines)."""
+        return threading.get_ident() == self._thread
+
+    def add_record(self, record: logging.LogRecord) -> None:
+        """Write ``record``'s line (as the stream handler's formatter makes it)."""
+        self.add(self._formatter.format(record))
+
+    def add(self, line: str) -> None:
+        """Write ``line`` with the next batch (now, after a quiet spell)."""
+        if len(self._lines) >= self.most or self.broken:
+            self.dropped += 1
+            return
+        if self.dropped:
+            self._lines.append(self._dropped_note())
+            self.dropped = 0
+        self._lines.append(line)
+        if self._timer is None:
+            wait = self._written + self.batch - self._loop.time()
+            if wait <= 0:
+                self.flush()
+            else:
+                self._timer = self._loop.call_later(wait, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what waits, as far as the reader has room."""
+        self._written = self._loop.time()
+        if not self._unsent:
+            if not self._lines:
+                return
+            text = "\n".join(self._lines) + "\n"
+            self._unsent = text.encode("utf-8", "backslashreplace")
+            self._lines = []
+        try:
+            sent = self._send(self._unsent)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the reader is gone (EPIPE): nothing will read the log again
+            self.broken = True
+            sent = len(self._unsent)
+        self._unsent = self._unsent[sent:]
+        if self._unsent and self._timer is None:
+            # No room: the rest is tried again later, and new lines wait (up to most).
+            self._timer = self._loop.call_later(self.batch, self._tick)
+
+    def close(self) -> str:
+        """Stop; the text not written yet (for the writer thread, with its bound)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+        rest = self._unsent.decode("utf-8", "replace") + "".join(f"{x}\n" for x in self._lines)
+        self._unsent = b""
+        self._lines = []
+        if self._close is not None:
+            self._close()
+        return rest
+
+    def _dropped_note(self) -> str:
+        return self._formatter.format(dropped_note(self.dropped))
 
 
 class LineFormatter(logging.Formatter):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import io
 import json
 import logging
+import os
 import re
 import sys
 import threading
+from pathlib import Path
 
+import uvloop
 from pythonjsonlogger.json import JsonFormatter
 
 from replicaproxy.logutil import (
@@ -17,6 +22,7 @@ from replicaproxy.logutil import (
     LineFormatter,
     LogQueue,
     LogWriter,
+    LoopWriter,
     one_line,
 )
 
@@ -229,3 +235,80 @@ def test_with_text_lines_the_access_log_queues_the_line_the_writer_would_make() 
     writer.start()
     assert writer.stop(timeout=5)
     assert stream.getvalue() == f"{ours}\n{made}\n"
+
+
+# ------------------------------------------------------------------ LoopWriter
+
+F_SETPIPE_SZ = 1031  # (fcntl.F_SETPIPE_SZ, named in Python 3.10+ only on some builds)
+PLAIN = logging.Formatter("%(message)s")
+
+
+def test_the_loop_writes_a_pipe_without_waiting_and_drops_and_counts_past_its_bound() -> None:
+    unread, stderr = os.pipe()
+    fcntl.fcntl(stderr, F_SETPIPE_SZ, 4096)
+    lines = [f"line {i:03d} " + "x" * 100 for i in range(200)]
+
+    async def main() -> tuple[str, str, int, str]:
+        writer = LoopWriter.open(stderr, asyncio.get_running_loop(), PLAIN)
+        assert writer is not None
+        assert os.get_blocking(stderr), "stderr's own descriptor must be left as it is"
+        writer.most = 50
+        for line in lines:  # far more than the pipe holds: none of these may block
+            writer.add(line)
+        dropped = writer.dropped
+        writer.flush()  # as the next batch would: the pipe takes what it has room for
+        first = os.read(unread, 1 << 20).decode()
+        writer.add("after")  # room again: the count of those dropped comes first
+        return first, writer.close(), dropped, os.read(unread, 1 << 20).decode()
+
+    try:
+        first, rest, dropped, second = uvloop.run(main())
+    finally:
+        os.close(unread)
+        os.close(stderr)
+    assert dropped == 200 - 1 - 50  # line 0 written at once, 50 waiting, the rest dropped
+    written = (first + second + rest).splitlines()
+    assert written[:51] == lines[:51]
+    assert written[51:] == ["149 log lines dropped: the log was not read for a while", "after"]
+
+
+def test_the_loop_writes_a_file_as_it_is_and_a_line_after_a_quiet_spell_at_once(
+    tmp_path: Path,
+) -> None:
+    with open(tmp_path / "log", "wb") as f:
+        fd = f.fileno()
+
+        async def main() -> tuple[bytes, bytes]:
+            writer = LoopWriter.open(fd, asyncio.get_running_loop(), PLAIN)
+            assert writer is not None
+            writer.add("one")  # after a quiet spell: at once
+            now = (tmp_path / "log").read_bytes()
+            writer.add("two")  # within the batch: with the next one
+            writer.add("three")
+            assert (tmp_path / "log").read_bytes() == now
+            await asyncio.sleep(writer.batch * 4)
+            assert writer.close() == ""
+            return now, (tmp_path / "log").read_bytes()
+
+        now, then = uvloop.run(main())
+    assert now == b"one\n"
+    assert then == b"one\ntwo\nthree\n"
+
+
+def test_the_loop_stops_writing_once_the_reader_is_gone() -> None:
+    unread, stderr = os.pipe()
+
+    async def main() -> LoopWriter:
+        writer = LoopWriter.open(stderr, asyncio.get_running_loop(), PLAIN)
+        assert writer is not None
+        os.close(unread)
+        writer.add("nobody reads this")  # EPIPE: no exception, no retry
+        writer.add("nor this")
+        writer.close()
+        return writer
+
+    try:
+        writer = uvloop.run(main())
+    finally:
+        os.close(stderr)
+    assert writer.broken and writer.dropped == 1
