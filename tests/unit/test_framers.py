@@ -234,6 +234,44 @@ def test_postgres_every_split_frames_the_same(replies: list[list[bytes]], cuts: 
     assert frame(PgFraming(frozenset()), requests, stream, cuts) == whole
 
 
+pg_request = st.one_of(
+    # A Query's text as clients send it, and odd ones: empty, a NUL inside, longer
+    # than the label keeps, no NUL at all.
+    st.binary(max_size=12).map(lambda b: pg(b"Q", b + b"\x00")),
+    st.binary(min_size=190, max_size=210).map(lambda b: pg(b"Q", b)),
+    st.just(pg(b"Q", b"")),
+    st.binary(max_size=12).map(lambda b: pg(b"P", b"\x00" + b + b"\x00\x00\x00")),
+    st.just(pg(b"B", b"\x00\x00" + bytes(6))),
+    st.just(pg(b"S", b"")),
+    st.just(pg(b"F", bytes(10))),
+    st.just(pg(b"d", b"1\n")),
+    st.just(pg(b"c", b"")),
+    st.just(pg(b"f", b"no\x00")),
+)
+
+
+@settings(max_examples=300)
+@given(requests=st.lists(pg_request, max_size=8), cuts=cuts)
+def test_postgres_every_split_of_the_requests_queues_the_same(
+    requests: list[bytes], cuts: list[int]
+) -> None:
+    """Whole in one chunk or cut anywhere, the client's messages call for the same
+    replies, with the same names and ends."""
+
+    def queued(pieces: list[bytes]) -> list[tuple[bytes, str, bytes]]:
+        framing = PgFraming(frozenset())
+        for piece in pieces:
+            framing.request(piece)
+        pending = [e for e in framing.pending if isinstance(e, postgres.PgExpect)]
+        return [(e.sql, e.name(), e.ends_at) for e in pending]
+
+    stream = STARTUP + b"".join(requests)
+    whole = queued([stream])
+    assert len(whole) == 1 + sum(r[:1] in (b"Q", b"S", b"F", b"c", b"f") for r in requests)
+    assert queued(_pieces(stream, cuts)) == whole
+    assert queued([stream[i : i + 1] for i in range(len(stream))]) == whole
+
+
 def test_postgres_extended_protocol_expects_a_reply_per_sync() -> None:
     framing = PgFraming(frozenset())
     framing.request(STARTUP)
