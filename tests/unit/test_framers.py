@@ -320,6 +320,30 @@ def test_postgres_a_refused_login_differs_and_ends_with_the_servers_last_words()
     assert framing.feed(reply, 0) == len(reply) and framing.ends() == -1
 
 
+@settings(max_examples=300)
+@given(before=st.lists(pg_message, max_size=5), cuts=cuts)
+def test_postgres_last_words_are_found_however_the_reply_is_cut(
+    before: list[bytes], cuts: list[int]
+) -> None:
+    """A FATAL ends the reply wherever it comes, and ``ends`` says where it began."""
+    reply = b"".join(before) + pg_error(b"FATAL", b"terminating connection")
+    framing = PgFraming(frozenset())
+    framing.request(STARTUP + pg(b"Q", b"select 1\x00"))
+    startup = startup_reply(1, 2)
+    framing.begin(startup, 0)
+    assert framing.feed(startup, 0) == len(startup)
+    offset, end = 0, MORE
+    for piece in _pieces(reply, cuts):
+        if offset == 0:
+            assert framing.begin(piece, 0) is not None
+        end = framing.feed(piece, 0)
+        if end != MORE:
+            break
+        offset += len(piece)
+    assert offset + end == len(reply)
+    assert framing.ends() == len(reply) - len(pg_error(b"FATAL", b"terminating connection"))
+
+
 def test_postgres_a_challenge_login_says_why_it_cannot_be_mirrored() -> None:
     md5 = pg(b"R", (5).to_bytes(4, "big") + b"salt")
     other = pg(b"R", (5).to_bytes(4, "big") + b"SALT")

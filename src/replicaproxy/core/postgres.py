@@ -225,6 +225,26 @@ class PgParser(ReplyParser):
     def feed(self, data: bytes, pos: int) -> int:
         self.fresh = False
         n = len(data)
+        if not self.skip and not self.head:
+            # Most replies (RowDescription, DataRows, CommandComplete, ReadyForQuery)
+            # come whole in one chunk: their messages are passed here in a few native
+            # operations each, up to an ErrorResponse (its severity is read below) or
+            # a message cut; below, the place is kept in attributes at every step.
+            ends_at = self.ends_at
+            start = pos
+            while pos + 5 <= n:
+                kind = data[pos]
+                length = _int32(data, pos + 1)
+                end = pos + 1 + length
+                if kind == 0x45 or end > n:
+                    break  # an ErrorResponse (its severity is read below), or a message cut
+                if not 4 <= length <= MAX_MESSAGE or not 0x31 <= kind <= 0x7A:
+                    break  # not PostgreSQL's (said below)
+                pos = end
+                if kind in ends_at:
+                    self.read += pos - start
+                    return pos
+            self.read += pos - start
         while True:
             if self.skip:
                 take = min(self.skip, n - pos)
