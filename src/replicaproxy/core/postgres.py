@@ -53,7 +53,8 @@ _CHALLENGES: Final = {5: "MD5", 10: "SASL (SCRAM)", 11: "SASL (SCRAM)"}
 _REPLIED: Final = frozenset(b"QSF")
 #: What ends a reply: ReadyForQuery, or CopyInResponse (the server waits for the
 #: client's data, which comes once the client has read it: the rest, up to
-#: ReadyForQuery, answers the client's CopyDone or CopyFail).
+#: ReadyForQuery, answers the client's CopyDone or CopyFail). (This and the next:
+#: two types each, which PgParser.feed compares with one by one.)
 _ENDS: Final = b"ZG"
 #: What ends the answer to a CopyDone or CopyFail sent in the extended protocol: its
 #: CommandComplete or ErrorResponse (the ReadyForQuery answers the Sync after it).
@@ -231,6 +232,7 @@ class PgParser(ReplyParser):
             # operations each, up to an ErrorResponse (its severity is read below) or
             # a message cut; below, the place is kept in attributes at every step.
             ends_at = self.ends_at
+            last, other = ends_at[0], ends_at[1]  # (``in ends_at`` would be a call)
             start = pos
             while pos + 5 <= n:
                 kind = data[pos]
@@ -241,7 +243,7 @@ class PgParser(ReplyParser):
                 if not 4 <= length <= MAX_MESSAGE or not 0x31 <= kind <= 0x7A:
                     break  # not PostgreSQL's (said below)
                 pos = end
-                if kind in ends_at:
+                if kind in (last, other):
                     self.read += pos - start
                     return pos
             self.read += pos - start
