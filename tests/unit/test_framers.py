@@ -268,6 +268,44 @@ def test_postgres_every_split_frames_the_same(replies: list[list[bytes]], cuts: 
     assert frame(PgFraming(frozenset()), requests, stream, cuts) == whole
 
 
+pg_request = st.one_of(
+    # A Query's text as clients send it, and odd ones: empty, a NUL inside, longer
+    # than the label keeps, no NUL at all.
+    st.binary(max_size=12).map(lambda b: pg(b"Q", b + b"\x00")),
+    st.binary(min_size=190, max_size=210).map(lambda b: pg(b"Q", b)),
+    st.just(pg(b"Q", b"")),
+    st.binary(max_size=12).map(lambda b: pg(b"P", b"\x00" + b + b"\x00\x00\x00")),
+    st.just(pg(b"B", b"\x00\x00" + bytes(6))),
+    st.just(pg(b"S", b"")),
+    st.just(pg(b"F", bytes(10))),
+    st.just(pg(b"d", b"1\n")),
+    st.just(pg(b"c", b"")),
+    st.just(pg(b"f", b"no\x00")),
+)
+
+
+@settings(max_examples=300)
+@given(requests=st.lists(pg_request, max_size=8), cuts=cuts)
+def test_postgres_every_split_of_the_requests_queues_the_same(
+    requests: list[bytes], cuts: list[int]
+) -> None:
+    """Whole in one chunk or cut anywhere, the client's messages call for the same
+    replies, with the same names and ends."""
+
+    def queued(pieces: list[bytes]) -> list[tuple[bytes, str, bytes]]:
+        framing = PgFraming(frozenset())
+        for piece in pieces:
+            framing.request(piece)
+        pending = [e for e in framing.pending if isinstance(e, postgres.PgExpect)]
+        return [(e.sql, e.name(), e.ends_at) for e in pending]
+
+    stream = STARTUP + b"".join(requests)
+    whole = queued([stream])
+    assert len(whole) == 1 + sum(r[:1] in (b"Q", b"S", b"F", b"c", b"f") for r in requests)
+    assert queued(_pieces(stream, cuts)) == whole
+    assert queued([stream[i : i + 1] for i in range(len(stream))]) == whole
+
+
 def test_postgres_extended_protocol_expects_a_reply_per_sync() -> None:
     framing = PgFraming(frozenset())
     framing.request(STARTUP)
@@ -314,6 +352,30 @@ def test_postgres_a_refused_login_differs_and_ends_with_the_servers_last_words()
     framing.feed(startup_reply(1, 1), 0)
     framing.begin(reply, 0)
     assert framing.feed(reply, 0) == len(reply) and framing.ends() == -1
+
+
+@settings(max_examples=300)
+@given(before=st.lists(pg_message, max_size=5), cuts=cuts)
+def test_postgres_last_words_are_found_however_the_reply_is_cut(
+    before: list[bytes], cuts: list[int]
+) -> None:
+    """A FATAL ends the reply wherever it comes, and ``ends`` says where it began."""
+    reply = b"".join(before) + pg_error(b"FATAL", b"terminating connection")
+    framing = PgFraming(frozenset())
+    framing.request(STARTUP + pg(b"Q", b"select 1\x00"))
+    startup = startup_reply(1, 2)
+    framing.begin(startup, 0)
+    assert framing.feed(startup, 0) == len(startup)
+    offset, end = 0, MORE
+    for piece in _pieces(reply, cuts):
+        if offset == 0:
+            assert framing.begin(piece, 0) is not None
+        end = framing.feed(piece, 0)
+        if end != MORE:
+            break
+        offset += len(piece)
+    assert offset + end == len(reply)
+    assert framing.ends() == len(reply) - len(pg_error(b"FATAL", b"terminating connection"))
 
 
 def test_postgres_a_challenge_login_says_why_it_cannot_be_mirrored() -> None:

@@ -53,13 +53,17 @@ _CHALLENGES: Final = {5: "MD5", 10: "SASL (SCRAM)", 11: "SASL (SCRAM)"}
 _REPLIED: Final = frozenset(b"QSF")
 #: What ends a reply: ReadyForQuery, or CopyInResponse (the server waits for the
 #: client's data, which comes once the client has read it: the rest, up to
-#: ReadyForQuery, answers the client's CopyDone or CopyFail).
+#: ReadyForQuery, answers the client's CopyDone or CopyFail). (This and the next:
+#: two types each, which PgParser.feed compares with one by one.)
 _ENDS: Final = b"ZG"
 #: What ends the answer to a CopyDone or CopyFail sent in the extended protocol: its
 #: CommandComplete or ErrorResponse (the ReadyForQuery answers the Sync after it).
 _COPY_ENDS_EXTENDED: Final = b"CE"
 #: Server messages that may come at any time, not in answer to anything.
 _ASYNC: Final = frozenset(b"ANS")
+#: How much of a Query's or Parse's text is kept for its label (which shows 60
+#: characters of it, its whitespace runs made one space).
+_TEXT_KEPT: Final = 200
 
 
 def _int32(data: bytes, at: int) -> int:
@@ -112,7 +116,8 @@ class PgExpect(Expect):
         sql: bytes = b"",
     ) -> None:
         super().__init__(label, "postgres")
-        #: A Query's text: its label is made of it when first asked for (most are never).
+        #: A Query's text, its first _TEXT_KEPT bytes: its label is made of it (up to
+        #: its NUL) when first asked for (most are never).
         self.sql = sql
         self.ignore_parameters = ignore_parameters
         #: The message types that end the reply (besides a FATAL ErrorResponse).
@@ -124,8 +129,11 @@ class PgExpect(Expect):
         self.in_place = not self.learns
 
     def name(self) -> str:
-        if self.sql:
-            self.label = f"{self.label} {_label(self.sql)}"
+        sql = self.sql
+        if sql:
+            end = sql.find(0)
+            if end != 0:
+                self.label = f"{self.label} {_label(sql[:end] if end > 0 else sql)}"
             self.sql = b""
         return self.label
 
@@ -218,6 +226,27 @@ class PgParser(ReplyParser):
     def feed(self, data: bytes, pos: int) -> int:
         self.fresh = False
         n = len(data)
+        if not self.skip and not self.head:
+            # Most replies (RowDescription, DataRows, CommandComplete, ReadyForQuery)
+            # come whole in one chunk: their messages are passed here in a few native
+            # operations each, up to an ErrorResponse (its severity is read below) or
+            # a message cut; below, the place is kept in attributes at every step.
+            ends_at = self.ends_at
+            last, other = ends_at[0], ends_at[1]  # (``in ends_at`` would be a call)
+            start = pos
+            while pos + 5 <= n:
+                kind = data[pos]
+                length = _int32(data, pos + 1)
+                end = pos + 1 + length
+                if kind == 0x45 or end > n:
+                    break  # an ErrorResponse (its severity is read below), or a message cut
+                if not 4 <= length <= MAX_MESSAGE or not 0x31 <= kind <= 0x7A:
+                    break  # not PostgreSQL's (said below)
+                pos = end
+                if kind in (last, other):
+                    self.read += pos - start
+                    return pos
+            self.read += pos - start
         while True:
             if self.skip:
                 take = min(self.skip, n - pos)
@@ -296,8 +325,8 @@ class PgFraming(Framing):
         while pos < n and not self.deaf:
             if self._skip:
                 take = min(self._skip, n - pos)
-                if self._kind in (0x51, 0x50) and len(self._query) < 200:
-                    self._query += data[pos : pos + min(take, 200 - len(self._query))]
+                if self._kind in (0x51, 0x50) and len(self._query) < _TEXT_KEPT:
+                    self._query += data[pos : pos + min(take, _TEXT_KEPT - len(self._query))]
                 pos += take
                 self._skip -= take
                 if not self._skip:
@@ -308,6 +337,16 @@ class PgFraming(Framing):
                 kind = data[pos]
                 length = _int32(data, pos + 1)
                 pos += 5
+                if kind == 0x51 and 4 < length <= MAX_MESSAGE and length - 4 <= n - pos:
+                    # The usual request, a whole Query in this chunk: its text sliced
+                    # at once rather than gathered in _query as a message cut across
+                    # chunks is (the same bytes: _message_done's Query).
+                    self._kind = kind
+                    self._extended = False
+                    text = data[pos : pos + min(length - 4, _TEXT_KEPT)]
+                    self.queue(PgExpect("Query", self.ignore_parameters, sql=text))
+                    pos += length - 4
+                    continue
             else:
                 header = 8 if not self._started else 5
                 need = header - len(self._head)
@@ -353,10 +392,7 @@ class PgFraming(Framing):
             return
         self._extended = kind == 0x53
         if kind == 0x51:  # Q: its text (the label is made of it if a log line asks)
-            query = self._query
-            end = query.find(0)
-            sql = bytes(query[:end] if end >= 0 else query)
-            self.queue(PgExpect("Query", self.ignore_parameters, sql=sql))
+            self.queue(PgExpect("Query", self.ignore_parameters, sql=bytes(self._query)))
             return
         text = bytes(self._query).split(b"\x00")
         if kind == 0x50:  # P Parse: name, then query text

@@ -911,9 +911,12 @@ class Session:
         head = self._head
         base = self._window_base
         if head + 1 < len(starts) and starts[head + 1] <= base:
-            # (a search, not a walk: in sync mode the passed replies' offsets are
-            # cold in the cache by now)
-            head = bisect.bisect_right(starts, base, head + 1) - 1
+            head += 1
+            if head + 1 < len(starts) and starts[head + 1] <= base:
+                # (a search, not a walk: in sync mode the passed replies' offsets are
+                # cold in the cache by now; one step first, though, which is all it
+                # takes in async mode, where the window passes a reply at a time)
+                head = bisect.bisect_right(starts, base, head + 1) - 1
         if head > 256:
             del starts[:head]
             del expects[:head]
@@ -1423,9 +1426,10 @@ class Session:
         or a new primary yet to repeat it.
         """
         p = self._primary
-        need = p.out if p.span is None else self._hold(p)
-        if self._frontier < need:  # noqa: PLR1730 (min() is a call here, per chunk)
-            need = self._frontier
+        need = self._frontier
+        held = p.out if p.span is None else self._hold(p)
+        if held < need:  # noqa: PLR1730 (min() of three is a call, per chunk)
+            need = held
         if self.delivered < need:  # noqa: PLR1730
             need = self.delivered
         for r in self._mirrors:
