@@ -155,8 +155,33 @@ class Framing:
         more of the session (no last words, nothing to learn): appends where each
         starts and its expectation, and returns where the last one ends (``pos``: none
         was). :meth:`begin` and :meth:`feed` frame the rest; this is the same, in one
-        call for many replies (a framer need not have it)."""
+        call for many replies, for the replies :meth:`whole_reply` finds."""
+        if self.lost:
+            return pos
+        due = self._due
+        taken = self._taken
+        m = len(due)
+        n = len(data)
+        while taken < m and pos < n:
+            expect = due[taken]
+            if not expect.exact or expect.learns:  # (a LOST marker is not exact either)
+                break
+            end = self.whole_reply(expect, data, pos)
+            if end < 0:
+                break
+            starts.append(at + pos)
+            expects.append(expect)
+            taken += 1
+            pos = end
+        self._took(taken)
         return pos
+
+    def whole_reply(self, expect: Expect, data: bytes, pos: int) -> int:
+        """Where the reply to ``expect`` at ``data[pos]`` ends, if all of it is there and
+        it is of a kind found without a parser's state; -1 otherwise (:meth:`begin` and
+        :meth:`feed` read it then). A framer need not find any (:meth:`run` frames
+        none then)."""
+        return -1
 
     def parser(self, expect: Expect) -> ReplyParser:
         """A parser for a replica's reply to a request that expects ``expect``."""

@@ -383,32 +383,15 @@ class McFraming(Framing):
                 reply.reset(expect.shape)  # (one parser for the primary's replies)
         return expect
 
-    def run(self, data: bytes, pos: int, at: int, starts: list[int], expects: list[Expect]) -> int:
-        if self.lost:
-            return pos
-        due = self._due
-        taken = self._taken
-        m = len(due)
-        n = len(data)
-        while taken < m and pos < n:
-            expect = due[taken]
-            if not expect.exact or not isinstance(expect, McExpect):  # (nor a LOST marker)
-                break
-            if expect.shape == VALUES:
-                end = _values_end(data, pos)
-            elif expect.shape == LINE:
-                end = data.find(b"\n", pos)
-                end = end + 1 if end >= 0 else -1
-            else:
-                break
-            if end < 0:
-                break
-            starts.append(at + pos)
-            expects.append(expect)
-            taken += 1
-            pos = end
-        self._took(taken)
-        return pos
+    def whole_reply(self, expect: Expect, data: bytes, pos: int) -> int:
+        if not isinstance(expect, McExpect):
+            return -1
+        if expect.shape == VALUES:
+            return _values_end(data, pos)
+        if expect.shape == LINE:
+            end = data.find(b"\n", pos)
+            return end + 1 if end >= 0 else -1
+        return -1
 
     def feed(self, data: bytes, pos: int) -> int:
         reply = self._reply

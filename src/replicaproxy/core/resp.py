@@ -953,26 +953,8 @@ class RespFraming(Framing):
             self._reply.reset()
         return expect
 
-    def run(self, data: bytes, pos: int, at: int, starts: list[int], expects: list[Expect]) -> int:
-        if self.lost:
-            return pos
-        due = self._due
-        taken = self._taken
-        m = len(due)
-        n = len(data)
-        while taken < m and pos < n:
-            expect = due[taken]
-            if not expect.exact or expect.learns:  # (a LOST marker is not exact either)
-                break
-            end = _simple_end(data, pos)  # (-1 for a RESP3 push too)
-            if end < 0:
-                break
-            starts.append(at + pos)
-            expects.append(expect)
-            taken += 1
-            pos = end
-        self._took(taken)
-        return pos
+    def whole_reply(self, expect: Expect, data: bytes, pos: int) -> int:
+        return _simple_end(data, pos)  # (-1 for a RESP3 push too)
 
     def feed(self, data: bytes, pos: int) -> int:
         reply = self._reply
