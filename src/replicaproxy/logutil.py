@@ -129,8 +129,11 @@ class DroppingQueueHandler(logging.Handler):
 
     def enqueue(self, record: Entry) -> None:
         writer = self.loop_writer
-        if writer is not None and isinstance(record, str) and writer.on_loop():
-            writer.add(record)
+        if writer is not None and writer.on_loop():
+            if isinstance(record, str):
+                writer.add(record)
+            else:
+                writer.add_record(record)  # (the access log's, in JSON)
             return
         try:
             if self.dropped:

@@ -312,3 +312,37 @@ def test_the_loop_stops_writing_once_the_reader_is_gone() -> None:
     finally:
         os.close(stderr)
     assert writer.broken and writer.dropped == 1
+
+
+def test_on_the_loop_every_record_and_access_line_is_written_by_the_loop_in_order() -> None:
+    unread, stderr = os.pipe()
+    records = LogQueue()
+    log = logging.Logger("replicaproxy.access")
+    queue_handler = DroppingQueueHandler(records)
+    log.addHandler(queue_handler)
+    formatter = JsonFormatter("%(levelname)s %(name)s %(message)s")
+    access = AccessLog(log, ("session",))
+
+    async def main() -> None:
+        writer = LoopWriter.open(stderr, asyncio.get_running_loop(), formatter)
+        assert writer is not None
+        queue_handler.loop_writer = writer
+        log.warning("before")
+        access.log("session 1 outcome=ok", {"session": 1})  # (JSON: a record, not text)
+        log.error("after")
+        assert writer.close() == ""
+
+    try:
+        uvloop.run(main())
+        written = os.read(unread, 1 << 16).decode()
+    finally:
+        os.close(unread)
+        os.close(stderr)
+    assert records.qsize() == 0, "nothing went to the writer thread"
+    lines = [json.loads(x) for x in written.splitlines()]
+    assert [(x["levelname"], x["message"]) for x in lines] == [
+        ("WARNING", "before"),
+        ("INFO", "session 1 outcome=ok"),
+        ("ERROR", "after"),
+    ]
+    assert lines[1]["session"] == 1
