@@ -353,8 +353,11 @@ class LoopWriter:
             sent = self._send(self._unsent)
         except BlockingIOError:
             sent = 0
-        except OSError:  # the reader is gone (EPIPE): nothing will read the log again
-            self.broken = True
+        except (BrokenPipeError, ConnectionResetError):
+            self.broken = True  # the reader is gone: nothing will read the log again
+            sent = len(self._unsent)
+        except OSError:  # (a full disk, say): this batch is lost, and counted
+            self.dropped += self._unsent.count(b"\n")
             sent = len(self._unsent)
         self._unsent = self._unsent[sent:]
         if self._unsent and self._timer is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import io
 import json
@@ -346,3 +347,26 @@ def test_on_the_loop_every_record_and_access_line_is_written_by_the_loop_in_orde
         ("ERROR", "after"),
     ]
     assert lines[1]["session"] == 1
+
+
+def test_a_batch_the_stream_refuses_is_counted_and_the_next_is_written() -> None:
+    sent: list[bytes] = []
+
+    def full_once(data: bytes) -> int:
+        if not sent:
+            sent.append(b"")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        sent.append(data)
+        return len(data)
+
+    async def main() -> LoopWriter:
+        writer = LoopWriter(full_once, asyncio.get_running_loop(), PLAIN)
+        writer.add("lost")  # written at once, and refused
+        writer.flush()
+        writer.add("kept")
+        writer.close()
+        return writer
+
+    writer = uvloop.run(main())
+    assert not writer.broken and writer.dropped == 0
+    assert sent[1:] == [b"1 log lines dropped: the log was not read for a while\nkept\n"]
