@@ -343,26 +343,30 @@ class LoopWriter:
     def flush(self) -> None:
         """Write what waits, as far as the reader has room."""
         self._written = self._loop.time()
-        if not self._unsent:
-            if not self._lines:
+        while True:
+            if not self._unsent:
+                if not self._lines:
+                    return
+                text = "\n".join(self._lines) + "\n"
+                self._unsent = text.encode("utf-8", "backslashreplace")
+                self._lines = []
+            try:
+                sent = self._send(self._unsent)
+            except BlockingIOError:
+                sent = 0
+            except (BrokenPipeError, ConnectionResetError):
+                self.broken = True  # the reader is gone: nothing will read the log again
+                sent = len(self._unsent)
+            except OSError:  # (a full disk, say): this batch is lost, and counted
+                self.dropped += self._unsent.count(b"\n")
+                sent = len(self._unsent)
+            self._unsent = self._unsent[sent:]
+            if self._unsent:
+                # No room: the rest is tried again later, and new lines wait (up to most).
+                if self._timer is None:
+                    self._timer = self._loop.call_later(self.batch, self._tick)
                 return
-            text = "\n".join(self._lines) + "\n"
-            self._unsent = text.encode("utf-8", "backslashreplace")
-            self._lines = []
-        try:
-            sent = self._send(self._unsent)
-        except BlockingIOError:
-            sent = 0
-        except (BrokenPipeError, ConnectionResetError):
-            self.broken = True  # the reader is gone: nothing will read the log again
-            sent = len(self._unsent)
-        except OSError:  # (a full disk, say): this batch is lost, and counted
-            self.dropped += self._unsent.count(b"\n")
-            sent = len(self._unsent)
-        self._unsent = self._unsent[sent:]
-        if self._unsent and self._timer is None:
-            # No room: the rest is tried again later, and new lines wait (up to most).
-            self._timer = self._loop.call_later(self.batch, self._tick)
+            # (all of it written: then the lines that came while it waited, if any)
 
     def close(self) -> str:
         """Stop; the text not written yet (for the writer thread, with its bound)."""

@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import re
+import select
 import sys
 import threading
+import time
 from pathlib import Path
 
 import uvloop
@@ -370,3 +372,37 @@ def test_a_batch_the_stream_refuses_is_counted_and_the_next_is_written() -> None
     writer = uvloop.run(main())
     assert not writer.broken and writer.dropped == 0
     assert sent[1:] == [b"1 log lines dropped: the log was not read for a while\nkept\n"]
+
+
+def test_lines_that_wait_for_room_are_written_once_there_is_some_with_no_line_after_them() -> None:
+    unread, stderr = os.pipe()
+    fcntl.fcntl(stderr, F_SETPIPE_SZ, 4096)
+    lines = [f"line {i:03d} " + "x" * 100 for i in range(100)]  # (about 11 KB)
+    got = bytearray()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = LoopWriter.open(stderr, loop, PLAIN)
+        assert writer is not None
+        for line in lines[:60]:
+            writer.add(line)
+        writer.flush()  # the pipe fills: the rest waits
+        for line in lines[60:]:
+            writer.add(line)  # (and these after it)
+        # Written by the writer's own ticks alone, as the reader makes room.
+        await loop.run_in_executor(None, _read_until, unread, got, len(lines))
+
+    try:
+        uvloop.run(main())
+    finally:
+        os.close(unread)
+        os.close(stderr)
+    assert got.decode().splitlines() == lines
+
+
+def _read_until(fd: int, into: bytearray, count: int, timeout: float = 10) -> None:
+    """Read ``fd`` until ``count`` lines came, or for ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while into.count(b"\n") < count and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            into += os.read(fd, 1 << 16)
