@@ -917,7 +917,9 @@ class Session:
                 # cold in the cache by now; one step first, though, which is all it
                 # takes in async mode, where the window passes a reply at a time)
                 head = bisect.bisect_right(starts, base, head + 1) - 1
-        if head > 256:
+        if head > 256 and 2 * head >= len(starts):
+            # (once they are half of it: each reply's offset is moved at most once, where
+            # sync mode keeps thousands of replies behind the head)
             del starts[:head]
             del expects[:head]
             head = 0
