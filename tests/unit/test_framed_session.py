@@ -276,16 +276,24 @@ def _split_replies(stream: bytes) -> tuple[list[bytes], bytes]:
     return out, b""
 
 
+#: What a session property draws besides its script and its cuts (see _schedule and
+#: _play): the order of the events, where (if anywhere) and how the primary fails, the
+#: mode, and whether the driver's fast paths are taken.
+SCHEDULES = {
+    "order": st.randoms(use_true_random=False),
+    "crash_at": st.one_of(st.none(), st.integers(0, 40)),
+    "crash": st.sampled_from(["reset", "down", "eof"]),
+    "mode": st.sampled_from(["async", "sync"]),
+    "hot": st.booleans(),
+}
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     script=st.lists(steps(), min_size=1, max_size=8),
     cuts=st.lists(st.lists(st.integers(1, 25), max_size=12), min_size=3, max_size=3),
-    order=st.randoms(use_true_random=False),
-    crash_at=st.one_of(st.none(), st.integers(0, 40)),
-    crash=st.sampled_from(["reset", "down", "eof"]),
-    mode=st.sampled_from(["async", "sync"]),
-    hot=st.booleans(),
-)  # fmt: skip
+    **SCHEDULES,
+)
 def test_replies_that_differ_as_the_rules_allow_never_stop_replication_or_takeover(
     script: list[Step],
     cuts: list[list[int]],
@@ -636,12 +644,8 @@ def _split_http(stream: bytes) -> tuple[list[bytes], bytes]:
 @given(
     script=st.lists(http_steps(), min_size=1, max_size=6),
     cuts=st.lists(st.lists(st.integers(1, 40), max_size=12), min_size=3, max_size=3),
-    order=st.randoms(use_true_random=False),
-    crash_at=st.one_of(st.none(), st.integers(0, 40)),
-    crash=st.sampled_from(["reset", "down", "eof"]),
-    mode=st.sampled_from(["async", "sync"]),
-    hot=st.booleans(),
-)  # fmt: skip
+    **SCHEDULES,
+)
 def test_http_responses_whose_date_differs_never_stop_replication_or_takeover(
     script: list[Step],
     cuts: list[list[int]],

@@ -29,8 +29,14 @@ def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [*out, rest] if rest else out
 
 
-def frame(framing: Framing, requests: bytes, replies: bytes, cuts: list[int]) -> list[int]:
-    """Where each reply in ``replies`` ends, ``replies`` fed to ``framing`` in pieces."""
+def frame(
+    framing: Framing, requests: bytes, replies: bytes, cuts: list[int], *, runs: bool = False
+) -> list[int]:
+    """Where each reply in ``replies`` ends, ``replies`` fed to ``framing`` in pieces.
+
+    ``runs``: :meth:`Framing.run` is asked first between replies, as the session does
+    (it frames what it can of a piece in one call); begin and feed frame the rest.
+    """
     framing.request(requests)
     ends: list[int] = []
     offset = 0
@@ -39,40 +45,16 @@ def frame(framing: Framing, requests: bytes, replies: bytes, cuts: list[int]) ->
         pos = 0
         while pos < len(piece):
             if not inside:
-                expect = framing.begin(piece, pos)
-                assert expect is not None, (piece, pos)
-                inside = True
-            end = framing.feed(piece, pos)
-            assert end != GARBAGE, (piece, pos)
-            if end == MORE:
-                break
-            ends.append(offset + end)
-            inside = False
-            pos = end
-        offset += len(piece)
-    return ends
-
-
-def frame_in_runs(framing: Framing, requests: bytes, replies: bytes, cuts: list[int]) -> list[int]:
-    """As :func:`frame`, with :meth:`Framing.run` asked first between replies, as the
-    session does: it frames what it can of each piece in one call."""
-    framing.request(requests)
-    ends: list[int] = []
-    offset = 0
-    inside = False
-    for piece in _pieces(replies, cuts):
-        pos = 0
-        while pos < len(piece):
-            if not inside:
-                starts: list[int] = []  # (where each reply run frames starts, in the stream)
-                ran = framing.run(piece, pos, offset, starts, [])
-                assert (ran > pos) == bool(starts) and starts[:1] in ([], [offset + pos])
-                ends.extend(starts[1:])  # (each reply ends where the next starts)
-                if starts:
-                    ends.append(offset + ran)
-                    pos = ran
-                    if pos >= len(piece):
-                        break
+                if runs:
+                    starts: list[int] = []  # (where each reply it frames starts, in the stream)
+                    ran = framing.run(piece, pos, offset, starts, [])
+                    assert (ran > pos) == bool(starts) and starts[:1] in ([], [offset + pos])
+                    if starts:
+                        ends.extend(starts[1:])  # (each reply ends where the next starts)
+                        ends.append(offset + ran)
+                        pos = ran
+                        if pos >= len(piece):
+                            break
                 expect = framing.begin(piece, pos)
                 assert expect is not None, (piece, pos)
                 inside = True
@@ -461,7 +443,7 @@ def test_memcached_replies_framed_in_runs_end_where_framed_one_by_one(
 ) -> None:
     requests = b"".join(q for q, _ in exchanges)
     replies = b"".join(r for _, r in exchanges)
-    assert frame_in_runs(McFraming(), requests, replies, cuts) == frame(
+    assert frame(McFraming(), requests, replies, cuts, runs=True) == frame(
         McFraming(), requests, replies, []
     )
 

@@ -7,6 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_framers import _pieces, frame
 
 from replicaproxy.core.framing import GARBAGE, LOST, MORE, Expect, guess_protocol
 from replicaproxy.core.resp import (
@@ -82,16 +83,6 @@ def _frame_all(stream: bytes, cuts: list[int]) -> list[int]:
             pos = end
         offset += len(piece)
     return ends
-
-
-def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
-    out, rest = [], data
-    for size in cuts:
-        if not rest:
-            break
-        out.append(rest[:size])
-        rest = rest[size:]
-    return [*out, rest] if rest else out
 
 
 @settings(max_examples=400)
@@ -442,23 +433,8 @@ def test_the_framing_finds_the_same_replies_as_the_parser(
     """The primary's replies, read by the framing (with its shortcut for one-line and
     bulk replies), end where the general parser says, however they are cut."""
     stream = b"".join(replies)
-    f = RespFraming(RULES)
-    f.request(b"PING\r\n" * len(replies))
-    ends: list[int] = []
-    offset = 0
-    started = False
-    for piece in _pieces(stream, cuts):
-        pos = 0
-        while pos < len(piece):
-            if not started:
-                assert f.begin(piece, pos) is not None
-                started = True
-            end = f.feed(piece, pos)
-            if end == MORE:
-                break
-            assert end != GARBAGE
-            ends.append(offset + end)
-            started = False
-            pos = end
-        offset += len(piece)
-    assert ends == _frame_all(stream, [])
+    pings = b"PING\r\n" * len(replies)
+    parsed = _frame_all(stream, [])
+    assert frame(RespFraming(RULES), pings, stream, cuts) == parsed
+    # (and with runs of whole replies framed in one call, as the session does)
+    assert frame(RespFraming(RULES), pings, stream, cuts, runs=True) == parsed
