@@ -31,8 +31,8 @@ from replicaproxy.core.resp import RespFraming, RespParser, RespRules
 RULES = RespRules()
 
 
-def resp(**limits: Any) -> Harness:
-    return connected((P, "primary"), (R, "replica"), framing=RespFraming(RULES), **limits)
+def resp(*, hot: bool = False, **limits: Any) -> Harness:
+    return connected((P, "primary"), (R, "replica"), hot=hot, framing=RespFraming(RULES), **limits)
 
 
 def bulk(text: bytes) -> bytes:
@@ -89,6 +89,52 @@ def test_an_ignored_reply_of_another_length_shifts_the_comparison_after_it() -> 
     h(UpstreamData(P, bulk(b"two")))
     [report] = h.reports("divergence")
     assert report.detail.startswith("reply 3 to GET differs"), report.detail
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    count=st.integers(1, 1500),
+    per_chunk=st.integers(1, 64),
+    mode=st.sampled_from(["async", "sync"]),
+    hot=st.booleans(),
+)
+def test_a_divergence_names_its_reply_however_many_replies_the_window_passed(
+    seed: int, count: int, per_chunk: int, mode: str, hot: bool
+) -> None:
+    """The session forgets the replies the window has passed now and then (past
+    hundreds of them); a divergence still names the right reply and byte."""
+    rng = random.Random(seed)
+    names = [rng.choice([b"GET", b"SET", b"INCR", b"INFO"]) for _ in range(count)]
+    sizes = {b"GET": [0, 5, 300], b"SET": [], b"INCR": [], b"INFO": [2, 400]}
+    replies = [
+        bulk(b"v" * rng.choice(sizes[n]))
+        if sizes[n]
+        else (b"+OK\r\n" if n == b"SET" else b":7\r\n")
+        for n in names
+    ]
+    exact = [i for i, n in enumerate(names) if n != b"INFO"]  # (INFO's reply may differ)
+    if not exact:
+        return
+    wrong = rng.choice(exact)
+    byte = rng.randrange(len(replies[wrong]))
+    theirs = list(replies)
+    theirs[wrong] = (
+        replies[wrong][:byte] + bytes([replies[wrong][byte] ^ 1]) + replies[wrong][byte + 1 :]
+    )
+    h = resp(mode=mode, hot=hot)
+    h(ClientData(b"".join(command(n, b"k") for n in names)))
+    chunks = range(0, count + per_chunk, per_chunk)
+    for i in chunks:  # the replica a chunk behind the primary
+        if i < count:
+            h(UpstreamData(P, b"".join(replies[i : i + per_chunk])))
+        if i >= per_chunk:
+            h(UpstreamData(R, b"".join(theirs[i - per_chunk : i])))
+        if h.reports("divergence"):
+            break
+    [report] = h.reports("divergence")
+    what = f"reply {wrong + 1} to {names[wrong].decode()} differs at its byte {byte}:"
+    assert report.detail.startswith(what), (report.detail, what)
 
 
 @pytest.mark.parametrize("crash", ["reset", "down", "eof"])

@@ -46,12 +46,14 @@ def frame(
         while pos < len(piece):
             if not inside:
                 if runs:
-                    starts: list[int] = []  # (where each reply it frames starts, in the stream)
-                    ran = framing.run(piece, pos, offset, starts, [])
-                    assert (ran > pos) == bool(starts) and starts[:1] in ([], [offset + pos])
-                    if starts:
-                        ends.extend(starts[1:])  # (each reply ends where the next starts)
-                        ends.append(offset + ran)
+                    sizes: list[int] = []  # (of each reply it frames)
+                    ran = framing.run(piece, pos, sizes, [])
+                    assert (ran > pos) == bool(sizes) and sum(sizes) == ran - pos
+                    if sizes:
+                        end = offset + pos
+                        for size in sizes:
+                            end += size
+                            ends.append(end)
                         pos = ran
                         if pos >= len(piece):
                             break

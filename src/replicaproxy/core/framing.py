@@ -149,13 +149,13 @@ class Framing:
         """Go on reading the primary's current reply: as :meth:`ReplyParser.feed`."""
         raise NotImplementedError
 
-    def run(self, data: bytes, pos: int, at: int, starts: list[int], expects: list[Expect]) -> int:
-        """Frame replies of the primary's from ``data[pos]`` (which sits at ``at`` in its
-        stream, between replies) as far as they are whole and exact and need nothing
-        more of the session (no last words, nothing to learn): appends where each
-        starts and its expectation, and returns where the last one ends (``pos``: none
-        was). :meth:`begin` and :meth:`feed` frame the rest; this is the same, in one
-        call for many replies, for the replies :meth:`whole_reply` finds."""
+    def run(self, data: bytes, pos: int, sizes: list[int], expects: list[Expect]) -> int:
+        """Frame replies of the primary's from ``data[pos]`` (between replies) as far as
+        they are whole and exact and need nothing more of the session (no last words,
+        nothing to learn): appends each one's size and expectation, and returns where
+        the last one ends (``pos``: none was). :meth:`begin` and :meth:`feed` frame the
+        rest; this is the same, in one call for many replies, for the replies
+        :meth:`whole_reply` finds."""
         if self.lost:
             return pos
         due = self._due
@@ -169,7 +169,9 @@ class Framing:
             end = self.whole_reply(expect, data, pos)
             if end < 0:
                 break
-            starts.append(at + pos)
+            # (a size, not where it starts: most are below 257, which Python keeps one
+            # object for, where an offset in the stream would be a new int per reply)
+            sizes.append(end - pos)
             expects.append(expect)
             taken += 1
             pos = end

@@ -31,12 +31,11 @@ Offsets it keeps (DESIGN.md "The session core"):
 
 from __future__ import annotations
 
-import bisect
 import enum
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from replicaproxy.core.events import (
     CLIENT,
@@ -90,6 +89,9 @@ Role = Literal["primary", "replica", "shadow"]
 
 #: How many bytes of each side a divergence report shows.
 EXCERPT_BYTES = 16
+#: Framed protocols: the replies the window has passed are forgotten once the session
+#: has this many (or twice as many as last time) in its lists.
+_FORGET_REPLIES: Final = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,12 +249,13 @@ class Session:
         "_expects",
         "_facts",
         "_feeding",
+        "_first",
+        "_forget_at",
         "_framed_to",
         "_framing",
         "_frontier",
         "_gate_open",
         "_half_window",
-        "_head",
         "_last_end",
         "_last_words",
         "_linger_started",
@@ -268,8 +271,8 @@ class Session:
         "_replica_timer",
         "_replies",
         "_route",
+        "_sizes",
         "_spans",
-        "_starts",
         "_strict",
         "_sync",
         "_uncompared_from",
@@ -346,14 +349,15 @@ class Session:
         # Framed protocols: the primary's replies still in the window, oldest first,
         # and those of them that may differ (not exact).
         self._framing = framing
-        # Every reply of the primary's in the window: where it starts and what it
-        # answers (from _head on; before it, replies the window has passed). Replies
-        # that may differ are _Reply objects in _spans as well.
-        self._starts: list[int] = []
+        # The primary's replies from the one that starts at _first on (those the window
+        # has passed are forgotten now and then): what each answers, and the size of
+        # each that ended. Replies that may differ are _Reply objects in _spans as well.
         self._expects: list[Expect] = []
-        self._head = 0
+        self._sizes: list[int] = []
+        self._first = 0
+        self._forget_at = _FORGET_REPLIES  # (how long _expects grows before that)
         self._open = False  # the last reply began and has not ended
-        self._last_end = 0  # where the last reply that ended ended
+        self._last_end = 0  # where the last reply that ended ended (the open one begins)
         #: The primary's last words (a PostgreSQL FATAL), held from the client until
         #: it is known whether the server ended the session or the primary failed.
         self._last_words: bytearray | None = None
@@ -364,7 +368,7 @@ class Session:
         self._framed_to = 0  # the primary's stream is framed up to here
         #: Where each server's output became its own (after MONITOR): not compared on.
         self._uncompared_from = -1
-        self._replies = 0  # replies of the primary's begun so far (_starts[-1] is the last)
+        self._replies = 0  # replies of the primary's begun so far (_expects[-1] is the last)
 
     # ----------------------------------------------------------- introspection
 
@@ -905,33 +909,18 @@ class Session:
         self._framed_to = end
         if f.lost:
             return
-        starts = self._starts
+        sizes = self._sizes
         expects = self._expects
-        # Replies the window has passed (but the one it starts in) are forgotten.
-        head = self._head
-        base = self._window_base
-        if head + 1 < len(starts) and starts[head + 1] <= base:
-            head += 1
-            if head + 1 < len(starts) and starts[head + 1] <= base:
-                # (a search, not a walk: in sync mode the passed replies' offsets are
-                # cold in the cache by now; one step first, though, which is all it
-                # takes in async mode, where the window passes a reply at a time)
-                head = bisect.bisect_right(starts, base, head + 1) - 1
-        if head > 256 and 2 * head >= len(starts):
-            # (once they are half of it: each reply's offset is moved at most once, where
-            # sync mode keeps thousands of replies behind the head)
-            del starts[:head]
-            del expects[:head]
-            head = 0
-        self._head = head
+        if len(expects) >= self._forget_at:
+            self._forget_replies()
         n = len(data)
         while pos < n:
             if not self._open:
                 # Whole, exact replies first, many in one call (most are).
-                ran = len(starts)
-                stop = f.run(data, pos, start, starts, expects)
+                ran = len(expects)
+                stop = f.run(data, pos, sizes, expects)
                 if stop > pos:
-                    self._replies += len(starts) - ran
+                    self._replies += len(expects) - ran
                     self._last_end = start + stop
                     pos = stop
                     if pos >= n:
@@ -948,7 +937,6 @@ class Session:
                         self._uncompared_from = start + pos
                     return  # answers no request known: bytes from here on
                 self._replies += 1
-                starts.append(start + pos)
                 expects.append(expect)
                 self._open = True
                 if not expect.exact:
@@ -965,20 +953,58 @@ class Session:
                 # The primary's last words (the server closes after them): held, and
                 # the reply left unfinished where they begin.
                 self._last_words = bytearray()
-                self._framed_to = starts[-1] + last
+                self._framed_to = self._last_end + last
                 return
             expect = expects[-1]
             if expect.learns:
-                reply = self._reply_bytes(starts[-1], start, data, stop)
+                reply = self._reply_bytes(self._last_end, start, data, stop)
                 fact = expect.learn(reply) if reply is not None else None
                 if fact is not None:
                     self._facts.append(fact)
             self._open = False
+            sizes.append(start + stop - self._last_end)
             self._last_end = start + stop
             spans = self._spans
             if spans and spans[-1].end < 0:
                 spans[-1].end = start + stop  # (the reply that just ended)
             pos = stop
+
+    def _forget_replies(self) -> None:
+        """Forget the replies the window has passed (but the one it starts in)."""
+        sizes = self._sizes
+        base = self._window_base
+        begins = self._first
+        k = 0
+        n = len(sizes)
+        while k < n:
+            ends = begins + sizes[k]
+            if ends > base:
+                break
+            begins = ends
+            k += 1
+        if k:
+            del sizes[:k]
+            del self._expects[:k]
+            self._first = begins
+        # (next when the lists have doubled: each reply is walked past a few times at
+        # most, where sync mode keeps thousands of them in its window)
+        self._forget_at = max(_FORGET_REPLIES, 2 * len(self._expects))
+
+    def _reply_at(self, at: int) -> tuple[int, int]:
+        """The reply of the primary's that holds offset ``at`` of its stream, if it is
+        still known: its place in _expects and where it starts; (-1, 0) otherwise."""
+        begins = self._first
+        if at < begins:
+            return -1, 0
+        sizes = self._sizes
+        for k, size in enumerate(sizes):
+            ends = begins + size
+            if at < ends:
+                return k, begins
+            begins = ends
+        if self._open and len(self._expects) > len(sizes):
+            return len(sizes), begins
+        return -1, 0
 
     def _reply_bytes(self, at: int, start: int, data: bytes, stop: int) -> bytes | None:
         """The primary's reply from ``at`` to ``data[stop]`` (``data`` sits at ``start``,
@@ -1248,12 +1274,11 @@ class Session:
             self._enter(r, span, mine, actions)
             return
         where = f"output differs at offset {at}"
-        starts = self._starts
-        k = bisect.bisect_right(starts, at, self._head) - 1
-        if k >= self._head and (k < len(starts) - 1 or self._open or at < self._last_end):
-            index = self._replies - (len(starts) - 1 - k)
-            label = self._expects[k].name()
-            where = f"reply {index} to {label} differs at its byte {at - starts[k]}"
+        k, begins = self._reply_at(at)
+        if k >= 0:
+            expects = self._expects
+            index = self._replies - (len(expects) - 1 - k)
+            where = f"reply {index} to {expects[k].name()} differs at its byte {at - begins}"
         self._diverged(r, f"{where}: {side_by_side(theirs, data, r.name, i)}", actions)
 
     def _in_place_at(self, at: int) -> _Reply | None:
@@ -1701,8 +1726,7 @@ class Session:
         """The old primary stopped inside ``last``, a reply the client has none of:
         drop the old version; the new primary's will take its place."""
         cut = last.start
-        self._starts.pop()
-        self._expects.pop()
+        self._expects.pop()  # (it never ended: it has no size)
         self._spans.pop()
         if not last.in_place:
             self._strict -= 1
@@ -1752,6 +1776,7 @@ class Session:
         if f is not None and self._open and not f.lost and f.finish():
             # A reply delimited by the close (an HTTP/1.0 body) is whole now.
             self._open = False
+            self._sizes.append(self._frontier - self._last_end)
             self._last_end = self._frontier
             spans = self._spans
             if spans and spans[-1].end < 0:
