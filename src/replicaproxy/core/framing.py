@@ -38,8 +38,9 @@ GARBAGE: Final = -2
 #: reading makes its session fall back to comparing bytes instead of growing.
 MAX_PENDING: Final = 100_000
 #: Taken expectations are dropped from the front of the queue at least this many at a
-#: time, and once they are half of it.
-_COMPACT: Final = 256
+#: time, and once they are half of it (few: a short list stays in the cache, which
+#: measured faster with 50 pipelining sessions than dropping them less often).
+_COMPACT: Final = 64
 
 
 class Expect:
