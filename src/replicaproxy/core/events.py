@@ -7,8 +7,11 @@ never sees a socket, and the driver makes no decision of its own.
 Events and actions are plain slotted dataclasses, treated as immutable (not
 declared frozen: a frozen dataclass is about twice as slow to build, and the
 data path builds one or two per chunk). The module is compiled with the session
-and its driver (setup.py): a short session builds twenty or more of them, and a
-compiled class builds them without running Python code.
+and its driver (setup.py), and a short session builds twenty or more of them.
+So each class spells out its ``__init__``: the one a dataclass generates stays
+Python code when compiled, run for every object (about 0.3 us); an ``__init__``
+of the class's own is compiled with it, and the dataclass adds only ``__eq__``
+and ``__repr__``. (Keep the two in step: the same fields, in the same order.)
 
 Every endpoint of a session is named by a string: the client is ``CLIENT``, an
 upstream is the backend's name (names never contain ``<``).
@@ -50,10 +53,16 @@ class Event:
 class ClientData(Event):
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
 
 @dataclass(slots=True)
 class ClientEof(Event):
     """The client shut down its sending side (it may still read)."""
+
+    def __init__(self) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -62,10 +71,16 @@ class ClientClosed(Event):
 
     error: str | None = None
 
+    def __init__(self, error: str | None = None) -> None:
+        self.error = error
+
 
 @dataclass(slots=True)
 class UpstreamConnected(Event):
     name: str
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 @dataclass(slots=True)
@@ -77,22 +92,38 @@ class UpstreamConnectFailed(Event):
     reason: str
     local: bool = False
 
+    def __init__(self, name: str, reason: str, local: bool = False) -> None:
+        self.name = name
+        self.reason = reason
+        self.local = local
+
 
 @dataclass(slots=True)
 class UpstreamData(Event):
     name: str
     data: bytes
 
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name = name
+        self.data = data
+
 
 @dataclass(slots=True)
 class UpstreamEof(Event):
     name: str
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 @dataclass(slots=True)
 class UpstreamClosed(Event):
     name: str
     error: str | None = None
+
+    def __init__(self, name: str, error: str | None = None) -> None:
+        self.name = name
+        self.error = error
 
 
 @dataclass(slots=True)
@@ -101,6 +132,9 @@ class WriteBlocked(Event):
 
     target: str
 
+    def __init__(self, target: str) -> None:
+        self.target = target
+
 
 @dataclass(slots=True)
 class WriteUnblocked(Event):
@@ -108,15 +142,24 @@ class WriteUnblocked(Event):
 
     target: str
 
+    def __init__(self, target: str) -> None:
+        self.target = target
+
 
 @dataclass(slots=True)
 class TimerFired(Event):
     timer: Timer
 
+    def __init__(self, timer: Timer) -> None:
+        self.timer = timer
+
 
 @dataclass(slots=True)
 class IdleTimeout(Event):
     """Nothing moved in either direction for ``idle_timeout`` seconds."""
+
+    def __init__(self) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -126,12 +169,19 @@ class PromoteResult(Event):
     name: str
     ok: bool
 
+    def __init__(self, name: str, ok: bool) -> None:
+        self.name = name
+        self.ok = ok
+
 
 @dataclass(slots=True)
 class PrimaryDown(Event):
     """The health checker declared this session's primary down."""
 
     reason: str
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -142,6 +192,11 @@ class PrimaryChecked(Event):
     alive: bool
     reason: str = ""
 
+    def __init__(self, name: str, alive: bool, reason: str = "") -> None:
+        self.name = name
+        self.alive = alive
+        self.reason = reason
+
 
 @dataclass(slots=True)
 class BackendStale(Event):
@@ -149,6 +204,10 @@ class BackendStale(Event):
 
     name: str
     reason: str
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -159,10 +218,17 @@ class OverMemory(Event):
     name: str
     reason: str
 
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
 
 @dataclass(slots=True)
 class Shutdown(Event):
     """The proxy is stopping and the session's grace period is over."""
+
+    def __init__(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------- actions
@@ -177,11 +243,18 @@ class Action:
 class Connect(Action):
     name: str
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+
 
 @dataclass(slots=True)
 class Write(Action):
     target: str
     data: bytes
+
+    def __init__(self, target: str, data: bytes) -> None:
+        self.target = target
+        self.data = data
 
 
 @dataclass(slots=True)
@@ -191,12 +264,19 @@ class WriteAll(Action):
     targets: tuple[str, ...]
     data: bytes
 
+    def __init__(self, targets: tuple[str, ...], data: bytes) -> None:
+        self.targets = targets
+        self.data = data
+
 
 @dataclass(slots=True)
 class WriteEof(Action):
     """Half-close ``target`` once everything written before has been sent."""
 
     target: str
+
+    def __init__(self, target: str) -> None:
+        self.target = target
 
 
 @dataclass(slots=True)
@@ -205,6 +285,9 @@ class Close(Action):
 
     target: str
 
+    def __init__(self, target: str) -> None:
+        self.target = target
+
 
 @dataclass(slots=True)
 class Abort(Action):
@@ -212,15 +295,24 @@ class Abort(Action):
 
     target: str
 
+    def __init__(self, target: str) -> None:
+        self.target = target
+
 
 @dataclass(slots=True)
 class PauseReading(Action):
     target: str
 
+    def __init__(self, target: str) -> None:
+        self.target = target
+
 
 @dataclass(slots=True)
 class ResumeReading(Action):
     target: str
+
+    def __init__(self, target: str) -> None:
+        self.target = target
 
 
 @dataclass(slots=True)
@@ -228,10 +320,17 @@ class StartTimer(Action):
     timer: Timer
     delay: float
 
+    def __init__(self, timer: Timer, delay: float) -> None:
+        self.timer = timer
+        self.delay = delay
+
 
 @dataclass(slots=True)
 class CancelTimer(Action):
     timer: Timer
+
+    def __init__(self, timer: Timer) -> None:
+        self.timer = timer
 
 
 @dataclass(slots=True)
@@ -240,6 +339,10 @@ class MarkStale(Action):
 
     name: str
     reason: str
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -257,6 +360,12 @@ class Promote(Action):
     reason: str
     kind: str = "connect"
 
+    def __init__(self, name: str, old: str, reason: str, kind: str = "connect") -> None:
+        self.name = name
+        self.old = old
+        self.reason = reason
+        self.kind = kind
+
 
 @dataclass(slots=True)
 class CheckPrimary(Action):
@@ -265,6 +374,9 @@ class CheckPrimary(Action):
     driver answers with :class:`PrimaryChecked`."""
 
     name: str
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 @dataclass(slots=True)
@@ -278,12 +390,20 @@ class Report(Action):
     name: str
     detail: str
 
+    def __init__(self, kind: str, name: str, detail: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.detail = detail
+
 
 @dataclass(slots=True)
 class Finished(Action):
     """Every connection of the session is closed; ``outcome`` sums it up."""
 
     outcome: str
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
 
 
 #: What a :class:`Report` can be about.
