@@ -972,19 +972,9 @@ class Session:
 
     def _forget_replies(self) -> None:
         """Forget the replies the window has passed (but the one it starts in)."""
-        sizes = self._sizes
-        base = self._window_base
-        begins = self._first
-        k = 0
-        n = len(sizes)
-        while k < n:
-            ends = begins + sizes[k]
-            if ends > base:
-                break
-            begins = ends
-            k += 1
+        k, begins = self._walk(self._window_base)
         if k:
-            del sizes[:k]
+            del self._sizes[:k]
             del self._expects[:k]
             self._first = begins
         # (next when the lists have doubled: each reply is walked past a few times at
@@ -994,18 +984,27 @@ class Session:
     def _reply_at(self, at: int) -> tuple[int, int]:
         """The reply of the primary's that holds offset ``at`` of its stream, if it is
         still known: its place in _expects and where it starts; (-1, 0) otherwise."""
-        begins = self._first
-        if at < begins:
+        if at < self._first:
             return -1, 0
-        sizes = self._sizes
-        for k, size in enumerate(sizes):
-            ends = begins + size
-            if at < ends:
-                return k, begins
-            begins = ends
-        if self._open and len(self._expects) > len(sizes):
-            return len(sizes), begins
+        k, begins = self._walk(at)
+        if k < len(self._sizes) or (self._open and len(self._expects) > k):
+            return k, begins  # (k == len(_sizes): the open reply, which begins there)
         return -1, 0
+
+    def _walk(self, at: int) -> tuple[int, int]:
+        """The first kept reply that ends after offset ``at`` (``len(_sizes)``: none of
+        those that ended does), by its place in the lists, and where it starts."""
+        sizes = self._sizes
+        begins = self._first
+        k = 0
+        n = len(sizes)
+        while k < n:
+            ends = begins + sizes[k]
+            if ends > at:
+                break
+            begins = ends
+            k += 1
+        return k, begins
 
     def _reply_bytes(self, at: int, start: int, data: bytes, stop: int) -> bytes | None:
         """The primary's reply from ``at`` to ``data[stop]`` (``data`` sits at ``start``,
