@@ -632,11 +632,17 @@ class Server:
             }
         )
 
-    async def serve(self, *, handle_signals: bool = True) -> None:
-        """Start, run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then drain."""
+    async def serve(
+        self, *, handle_signals: bool = True, on_start: Callable[[], None] | None = None
+    ) -> None:
+        """Start, run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then drain.
+
+        ``on_start`` is called once the proxy listens, before it serves anyone."""
         with self._capture_signals(handle_signals):
             try:
                 await self.start()
+                if on_start is not None:
+                    on_start()
                 await self._stop.wait()
             finally:
                 await self.shutdown()
