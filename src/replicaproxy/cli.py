@@ -297,7 +297,7 @@ def freeze_startup_objects() -> None:
 
     A full collection stops the event loop while it visits every object that may hold
     others: a proxy that had just started with its admin API held 48,500, and a full
-    collection of them took 50 ms, for every session at once. What start-up made lives
+    collection of them took 50-57 ms, for every session at once. What start-up made lives
     until the proxy stops, so it is collected once here and then left out
     (``gc.freeze``): a full collection under load visits only what sessions made.
     """

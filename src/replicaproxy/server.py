@@ -637,7 +637,7 @@ class Server:
     ) -> None:
         """Start, run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then drain.
 
-        ``on_start`` is called once the proxy listens, before it serves anyone."""
+        ``on_start`` is called as soon as the proxy listens."""
         with self._capture_signals(handle_signals):
             try:
                 await self.start()
