@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from replicaproxy import compiled
 from replicaproxy.core.events import ClientData, UpstreamConnected, UpstreamData
@@ -44,12 +45,15 @@ WORKLOADS = [
 ]
 
 
-def sessions(count: int, mode: str, framing: Callable[[], Framing | None]) -> list[Session]:
+Mode = Literal["async", "sync"]
+
+
+def sessions(count: int, mode: Mode, framing: Callable[[], Framing | None]) -> list[Session]:
     made = []
     for _ in range(count):
         s = Session(
             [Member("primary", "primary"), Member("replica", "replica")],
-            Limits(mode="sync" if mode == "sync" else "async"),
+            Limits(mode=mode),
             framing(),
         )
         s.start()
@@ -60,10 +64,14 @@ def sessions(count: int, mode: str, framing: Callable[[], Framing | None]) -> li
 
 
 def one_run(
-    count: int, rounds: int, mode: str, framing: Callable[[], Framing | None], work: int
+    count: int,
+    rounds: int,
+    mode: Mode,
+    framing: Callable[[], Framing | None],
+    requests: bytes,
+    replies: bytes,
 ) -> float:
     """ns per request in one run; it checks that every reply reached the client."""
-    _, requests, replies = WORKLOADS[work]
     ss = sessions(count, mode, framing)
     began = time.perf_counter_ns()
     for _ in range(rounds):
@@ -83,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=50, help="sessions (default 50)")
     parser.add_argument("--rounds", type=int, default=400, help="turns each (default 400)")
     args = parser.parse_args(argv)
-    if args.sessions < 1 or args.rounds < 1:
-        parser.error("--sessions and --rounds must be at least 1")
+    for flag, value in (("--sessions", args.sessions), ("--rounds", args.rounds)):
+        if value < 1:
+            parser.error(f"{flag}: {value} is fewer than 1")
     rules = RespRules()
     framings: dict[str, Callable[[], Framing | None]] = {
         "bytes": lambda: None,
@@ -96,14 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("| mode | requests | bytes ns/req | resp ns/req | resp / bytes |")
     print("|---|---|---|---|---|")
-    for mode in ("async", "sync"):
-        for work, (name, _, _) in enumerate(WORKLOADS):
+    modes: tuple[Mode, ...] = ("async", "sync")
+    for mode in modes:
+        for name, requests, replies in WORKLOADS:
             # The protocols take turns, run after run: what the machine does meanwhile
             # falls on both alike, and the best run of each is the least disturbed.
             cost = dict.fromkeys(framings, float("inf"))
             for _ in range(RUNS):
                 for protocol, framing in framings.items():
-                    took = one_run(args.sessions, args.rounds, mode, framing, work)
+                    took = one_run(args.sessions, args.rounds, mode, framing, requests, replies)
                     cost[protocol] = min(cost[protocol], took)
             print(
                 f"| {mode} | {name} | {cost['bytes']:.0f} | {cost['resp']:.0f} "
