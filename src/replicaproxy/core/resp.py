@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from replicaproxy.core.framing import (
     GARBAGE,
@@ -30,6 +30,11 @@ from replicaproxy.core.framing import (
     excerpt,
     recognise,
 )
+
+if TYPE_CHECKING:
+    # Compiled, the offsets of the hot path are native 64-bit integers, with none of
+    # the tag checks of an int; interpreted, the annotation is all there is.
+    from mypy_extensions import i64
 
 #: Redis refuses an inline request or a multibulk header longer than this
 #: (PROTO_INLINE_MAX_SIZE): past it the server has answered an error and closed.
@@ -159,11 +164,11 @@ _AGGREGATE: Final = frozenset(b"*~>%")
 _SHORT_LINE: Final = 32
 
 
-def _simple_end(data: bytes, pos: int) -> int:
+def _simple_end(data: bytes, pos: i64) -> i64:
     """Where a one-line or bulk-string reply at ``data[pos]`` ends, if all of it is
     there; -1 for anything else (the parser reads that)."""
-    n = len(data)
-    kind = data[pos]
+    n: i64 = len(data)
+    kind: i64 = data[pos]
     if kind == 0x2B or kind == 0x2D or kind == 0x3A:  # + - :  # noqa: PLR1714 (per reply)
         # A short line is looked through here (bytes.find is a call by name when
         # compiled), a longer one from where that stopped.
@@ -180,7 +185,7 @@ def _simple_end(data: bytes, pos: int) -> int:
     i = pos + 1
     if i < n and data[i] == 0x2D:  # $-1: null
         return pos + 5 if data[pos : pos + 5] == b"$-1\r\n" else -1
-    length = 0
+    length: i64 = 0
     while i < n and 0x30 <= data[i] <= 0x39 and length <= MAX_BULK:
         length = length * 10 + data[i] - 0x30
         i += 1
@@ -648,15 +653,15 @@ _SKIP: Final = 2  # CLIENT REPLY SKIP: no reply to the next command
 _NAME_SLOTS: Final = 16
 
 
-def _number_line(data: bytes, i: int, most: int) -> tuple[int, int]:
+def _number_line(data: bytes, i: i64, most: i64) -> tuple[i64, i64]:
     """The decimal number at ``data[i]`` that ends its line (CRLF): its value and
     where the line ends; ``(-1, -1)`` if it has no digit, passes ``most``, or its
     CRLF is not all there. (Digit by digit: compiled, no slice and no int().)"""
-    n = len(data)
+    n: i64 = len(data)
     j = i
-    value = 0
+    value: i64 = 0
     while i < n:
-        c = data[i]
+        c: i64 = data[i]
         if c < 0x30 or c > 0x39:
             break
         value = value * 10 + c - 0x30
@@ -668,16 +673,19 @@ def _number_line(data: bytes, i: int, most: int) -> tuple[int, int]:
     return value, i + 2
 
 
-def _small_line(data: bytes, i: int, most: int) -> tuple[int, int]:
+def _small_line(data: bytes, i: i64, most: i64) -> tuple[i64, i64]:
     """:func:`_number_line`, a number of one digit (an argument count, a command
     name's length) read without a loop."""
     if i + 2 < len(data) and data[i + 1] == 13 and data[i + 2] == 10:
-        c = data[i] - 0x30
-        return (c, i + 3) if 0 <= c <= 9 and c <= most else (-1, -1)
+        c: i64 = data[i]
+        c -= 0x30
+        if 0 <= c <= 9 and c <= most:  # (statements: a conditional of tuples is boxed)
+            return c, i + 3
+        return -1, -1
     return _number_line(data, i, most)
 
 
-def _skip_bulk(data: bytes, i: int) -> int:
+def _skip_bulk(data: bytes, i: i64) -> i64:
     """Where the bulk string at ``data[i]`` ends, or -1 if it is cut short or odd."""
     if i >= len(data) or data[i] != 0x24:  # $
         return -1
@@ -685,7 +693,9 @@ def _skip_bulk(data: bytes, i: int) -> int:
     if i < 0:
         return -1
     end = i + length + 2
-    return end if end <= len(data) else -1
+    if end > len(data):
+        return -1
+    return end
 
 
 class RespFraming(Framing):
@@ -715,8 +725,8 @@ class RespFraming(Framing):
     def request(self, data: bytes) -> None:
         if self.deaf:
             return
-        pos = 0
-        n = len(data)
+        pos: i64 = 0
+        n: i64 = len(data)
         while pos < n:
             if not (self._argc or self._skip or self._line):
                 # At a request's start: a whole multibulk request is read in one go,
@@ -765,13 +775,13 @@ class RespFraming(Framing):
                 self.stop()
                 return
 
-    def _whole(self, data: bytes, pos: int) -> int:
+    def _whole(self, data: bytes, pos: i64) -> i64:
         """Read the multibulk request at ``data[pos]`` if all of it is there.
 
         Returns where it ends, or -1 (nothing done) when it is cut short, not a
         multibulk, or anything out of the ordinary: the resumable path reads it then.
         """
-        n = len(data)
+        n: i64 = len(data)
         if data[pos] != 0x2A:  # *
             return -1
         count, i = _small_line(data, pos + 1, MAX_ARGS)
@@ -815,16 +825,19 @@ class RespFraming(Framing):
         self._request(args)
         return i
 
-    def _plain(self, data: bytes, i: int, end: int) -> Expect | None:
+    def _plain(self, data: bytes, i: i64, end: i64) -> Expect | None:
         """``rules.plain(data[i:end])``. The names of recent plain requests are kept
         in a few slots (by their length and first and last bytes) and compared in
         place: most requests repeat a name, and are then read without a copy."""
         length = end - i
-        slot = (data[i] ^ data[end - 1] ^ length) & (_NAME_SLOTS - 1) if length else 0
+        slot: i64 = 0
         if length:
+            first: i64 = data[i]
+            last: i64 = data[end - 1]
+            slot = (first ^ last ^ length) & (_NAME_SLOTS - 1)
             name = self._names[slot]
             if len(name) == length:
-                j = 0
+                j: i64 = 0
                 while j < length and data[i + j] == name[j]:
                     j += 1
                 if j == length:
