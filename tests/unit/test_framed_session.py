@@ -496,6 +496,21 @@ def test_after_monitor_each_servers_output_is_its_own_and_not_compared() -> None
     assert report.detail.startswith("reply 1 to GET differs")
 
 
+def test_a_replica_ahead_into_monitor_is_let_go_as_the_primary_gets_there() -> None:
+    # The replica's +OK comes first, whole: when the primary's arrives, the streams
+    # are each server's own from there, and sync mode stops waiting for the replica.
+    h = resp(mode="sync")
+    h(ClientData(command(b"MONITOR")))
+    h(UpstreamData(R, b"+OK\r\n"))
+    h(UpstreamData(P, b"+OK\r\n"))
+    [lost] = h.reports("compare_lost")
+    assert lost.name == R
+    line = b'+1700000000.123 [0 127.0.0.1:5] "GET"\r\n'
+    h(UpstreamData(P, line))
+    assert h.written[CLIENT] == b"+OK\r\n" + line, "not held for the replica"
+    assert not h.reports("divergence") and not h.stale()
+
+
 # ------------------------------------------------------------------ other protocols
 
 

@@ -1061,10 +1061,22 @@ class Session:
             if r.span is not None:
                 self._try_resolve(r, actions)  # the primary's reply may have ended
             elif r.out > start:
-                ahead = bytes(r.ahead)
-                r.ahead = bytearray()
-                r.out = start
-                self._position(r, ahead, actions)
+                ahead = r.ahead
+                k = min(len(ahead), end - start)
+                if (
+                    not self._strict
+                    and self._uncompared_from < 0
+                    and not self._eof_pending
+                    and _same(self._window, start - self._window_base, ahead, 0, k)
+                ):
+                    # No reply it must stop at, no stream of its own, no end to watch
+                    # for, and the bytes match: what _position would do, in place (its
+                    # place stays; the matched part of what it kept is dropped).
+                    del ahead[:k]
+                else:
+                    r.ahead = bytearray()
+                    r.out = start
+                    self._position(r, bytes(ahead), actions)
                 if r.read_paused and len(r.ahead) <= self._half_window:
                     r.read_paused = False
                     actions.append(ResumeReading(r.name))
