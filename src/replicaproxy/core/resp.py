@@ -184,7 +184,9 @@ def _simple_end(data: bytes, pos: i64) -> i64:
         return -1
     i = pos + 1
     if i < n and data[i] == 0x2D:  # $-1: null
-        return pos + 5 if data[pos : pos + 5] == b"$-1\r\n" else -1
+        if data[pos : pos + 5] != b"$-1\r\n":
+            return -1
+        return pos + 5  # (statements: a conditional of an i64 and -1 is boxed)
     length: i64 = 0
     while i < n and 0x30 <= data[i] <= 0x39 and length <= MAX_BULK:
         length = length * 10 + data[i] - 0x30
@@ -192,7 +194,9 @@ def _simple_end(data: bytes, pos: i64) -> i64:
     if i == pos + 1 or length > MAX_BULK or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
         return -1
     end = i + 2 + length + 2
-    return end if end <= n else -1
+    if end > n:
+        return -1
+    return end
 
 
 def value_end(buf: bytes, at: int) -> int:
