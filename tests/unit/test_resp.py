@@ -17,6 +17,8 @@ from replicaproxy.core.resp import (
     Scan,
     Transaction,
     Unordered,
+    _number_line,
+    _small_line,
     elements,
     tips_from_command,
 )
@@ -128,7 +130,7 @@ def _command(args: list[bytes]) -> bytes:
 
 
 RULES = RespRules()
-ARG = st.binary(min_size=0, max_size=8)
+ARG = st.binary(min_size=0, max_size=24)  # (lengths of one digit and of two)
 NAMES = st.sampled_from(
     [b"GET", b"set", b"SMEMBERS", b"info", b"HGETALL", b"CLIENT", b"config", b"SCAN", b"hscan"]
 )
@@ -160,6 +162,20 @@ def test_every_split_of_the_requests_queues_the_same_expectations(
         split.request(piece)
     assert _expectations(split) == _expectations(whole)
     assert [e.label for e in _expectations(whole)] == [RULES.lookup(args).label for _, args in reqs]
+
+
+@settings(max_examples=500)
+@given(
+    head=st.binary(max_size=3),
+    number=st.one_of(st.integers(0, 120).map(b"%d".__mod__), st.binary(max_size=4)),
+    tail=st.sampled_from([b"\r\n", b"\r", b"\n", b"", b"\r\r\n", b"x\r\n"]),
+    most=st.integers(0, 150),
+)
+def test_the_short_number_reader_reads_as_the_long_one(
+    head: bytes, number: bytes, tail: bytes, most: int
+) -> None:
+    data = head + number + tail
+    assert _small_line(data, len(head), most) == _number_line(data, len(head), most)
 
 
 def test_large_arguments_are_skipped_not_kept() -> None:

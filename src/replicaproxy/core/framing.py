@@ -39,7 +39,8 @@ GARBAGE: Final = -2
 MAX_PENDING: Final = 100_000
 #: Taken expectations are dropped from the front of the queue at least this many at a
 #: time, and once they are half of it (few: a short list stays in the cache, which
-#: measured faster with 50 pipelining sessions than dropping them less often).
+#: measured faster with 50 pipelining sessions than dropping them less often). A queue
+#: no longer than this whose requests were all answered is used again from its start.
 _COMPACT: Final = 64
 
 
@@ -121,10 +122,13 @@ class Framing:
 
     def __init__(self) -> None:
         # The expectation of each request whose reply has not begun, oldest first:
-        # _due[_taken:] (a list and an index: native list operations when compiled,
-        # where a deque's are calls by name).
+        # _due[_taken:_n] (a list and two indexes: native list operations when
+        # compiled, where a deque's are calls by name). Past _n the list holds slots
+        # used before (at most _COMPACT), written over as requests come: emptied and
+        # filled again, a list is given back to the allocator and asked for anew.
         self._due: list[Expect] = []
         self._taken = 0
+        self._n = 0
         #: Replies are no longer paired: bytes are compared from there on.
         self.lost = False
         #: Requests are no longer read (a LOST marker ends the queue).
@@ -161,7 +165,7 @@ class Framing:
             return pos
         due = self._due
         taken = self._taken
-        m = len(due)
+        m = self._n
         n = len(data)
         while taken < m and pos < n:
             expect = due[taken]
@@ -208,24 +212,25 @@ class Framing:
     @property
     def pending(self) -> list[Expect]:
         """The expectation of each request whose reply has not begun, oldest first."""
-        return self._due[self._taken :]
+        return self._due[self._taken : self._n]
 
     def has_pending(self) -> bool:
         """Whether some request's reply has not begun."""
-        return self._taken < len(self._due)
+        return self._taken < self._n
 
     def unbegin(self, expects: list[Expect]) -> None:
         """Replies to these requests (oldest first) are to be framed again, from a new
         primary: they are pending once more, ahead of the rest."""
-        self._due = expects + self._due[self._taken :]
+        self._due = expects + self._due[self._taken : self._n]
         self._taken = 0
+        self._n = len(self._due)
 
     def expect_next(self) -> Expect | None:
         """The oldest pending expectation, taken; None when there is none or framing
         was lost there."""
         due = self._due
         taken = self._taken
-        if taken >= len(due):
+        if taken >= self._n:
             return None
         expect = due[taken]
         self._took(taken + 1)
@@ -237,18 +242,37 @@ class Framing:
 
     def _took(self, taken: int) -> None:
         """The first ``taken`` of ``_due`` are taken: drop them now and then."""
-        if taken >= _COMPACT and 2 * taken >= len(self._due):
+        n = self._n
+        if taken == n and n <= _COMPACT:
+            self._n = taken = 0  # (the slots are written over from the start)
+        elif taken >= _COMPACT and 2 * taken >= n:
             del self._due[:taken]
+            self._n = n - taken
             taken = 0
         self._taken = taken
 
     def queue(self, expect: Expect) -> None:
         """One more reply is due, after those already pending."""
-        due = self._due
-        if len(due) - self._taken >= MAX_PENDING:
+        n = self._n
+        if n - self._taken >= MAX_PENDING:
             self.stop()
             return
-        due.append(expect)
+        due = self._due
+        if n < len(due):  # (_put, inline: once per request)
+            due[n] = expect
+        else:
+            due.append(expect)
+        self._n = n + 1
+
+    def _put(self, expect: Expect) -> None:
+        """Add ``expect`` at the queue's end."""
+        due = self._due
+        n = self._n
+        if n < len(due):
+            due[n] = expect
+        else:
+            due.append(expect)
+        self._n = n + 1
 
     def stop(self, *, compare: bool = True) -> None:
         """Stop reading requests here: the replies to those before still pair, and
@@ -256,13 +280,13 @@ class Framing:
         from there on, or (``compare=False``) not at all."""
         if not self.deaf:
             self.deaf = True
-            self._due.append(LOST if compare else UNCOMPARED)
+            self._put(LOST if compare else UNCOMPARED)
 
     def lose(self) -> None:
         """Stop framing now: whatever follows is compared as bytes."""
         self.lost = self.deaf = True
         self._due.clear()
-        self._taken = 0
+        self._taken = self._n = 0
 
 
 #: The protocols a bytes session's divergence line may suggest, by what a client's

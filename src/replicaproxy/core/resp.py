@@ -498,6 +498,11 @@ class RespRules:
         self.source = source
         self.kinds = kinds
         self._table: dict[bytes, Expect] = {}
+        #: Names of recent plain requests and their expectations, by slot (see
+        #: RespFraming._plain): one table for every session, which stays in the cache
+        #: where one per session would be read from memory at each session's turn.
+        self.slot_names: list[bytes] = [b""] * _NAME_SLOTS
+        self.slot_expects: list[Expect] = [_UNKNOWN] * _NAME_SLOTS
         self._containers: set[bytes] = set()
         for key, kind in kinds.items():
             command, _, sub = key.partition("|")
@@ -653,8 +658,9 @@ _OFF: Final = 1  # CLIENT REPLY OFF: no replies until CLIENT REPLY ON
 _SKIP: Final = 2  # CLIENT REPLY SKIP: no reply to the next command
 
 
-#: How many names of plain requests a framing keeps (a power of two: see _plain).
-_NAME_SLOTS: Final = 16
+#: How many names of plain requests the rules keep at hand (a power of two: see
+#: RespFraming._plain).
+_NAME_SLOTS: Final = 32
 
 
 def _number_line(data: bytes, i: i64, most: i64) -> tuple[i64, i64]:
@@ -678,13 +684,24 @@ def _number_line(data: bytes, i: i64, most: i64) -> tuple[i64, i64]:
 
 
 def _small_line(data: bytes, i: i64, most: i64) -> tuple[i64, i64]:
-    """:func:`_number_line`, a number of one digit (an argument count, a command
-    name's length) read without a loop."""
-    if i + 2 < len(data) and data[i + 1] == 13 and data[i + 2] == 10:
+    """:func:`_number_line`, a number of one or two digits (an argument count, a
+    command name's or a key's length) read without a loop."""
+    n: i64 = len(data)
+    if i + 2 < n and data[i + 1] == 13 and data[i + 2] == 10:
         c: i64 = data[i]
         c -= 0x30
         if 0 <= c <= 9 and c <= most:  # (statements: a conditional of tuples is boxed)
             return c, i + 3
+        return -1, -1
+    if i + 3 < n and data[i + 2] == 13 and data[i + 3] == 10:
+        tens: i64 = data[i]
+        ones: i64 = data[i + 1]
+        tens -= 0x30
+        ones -= 0x30
+        if 0 <= tens <= 9 and 0 <= ones <= 9:
+            value = tens * 10 + ones
+            if value <= most:
+                return value, i + 4
         return -1, -1
     return _number_line(data, i, most)
 
@@ -717,9 +734,6 @@ class RespFraming(Framing):
         self._part = bytearray()  # the kept argument so far
         self._args: list[bytes] = []  # the arguments kept
         self._want = 1  # how many leading arguments to keep
-        # Names of recent plain requests and their expectations (see _plain).
-        self._names: list[bytes] = [b""] * _NAME_SLOTS
-        self._named: list[Expect] = [_UNKNOWN] * _NAME_SLOTS
         # Session state that changes how replies pair with requests.
         self._mode = _ON
         self._multi: list[Expect] | None = None  # MULTI: each queued command's expectation
@@ -732,7 +746,7 @@ class RespFraming(Framing):
         pos: i64 = 0
         n: i64 = len(data)
         while pos < n:
-            if not (self._argc or self._skip or self._line):
+            if not (self._argc or self._skip or len(self._line)):  # (len: no call by name)
                 # At a request's start: a whole multibulk request is read in one go,
                 # without keeping any state (most of them are, in one chunk).
                 end = self._whole(data, pos)
@@ -833,24 +847,25 @@ class RespFraming(Framing):
         """``rules.plain(data[i:end])``. The names of recent plain requests are kept
         in a few slots (by their length and first and last bytes) and compared in
         place: most requests repeat a name, and are then read without a copy."""
+        rules = self.rules
         length = end - i
         slot: i64 = 0
         if length:
             first: i64 = data[i]
             last: i64 = data[end - 1]
             slot = (first ^ last ^ length) & (_NAME_SLOTS - 1)
-            name = self._names[slot]
+            name = rules.slot_names[slot]
             if len(name) == length:
                 j: i64 = 0
                 while j < length and data[i + j] == name[j]:
                     j += 1
                 if j == length:
-                    return self._named[slot]
+                    return rules.slot_expects[slot]
         name = data[i:end]
-        expect = self.rules.plain(name)
+        expect = rules.plain(name)
         if expect is not None and length:
-            self._names[slot] = name
-            self._named[slot] = expect
+            rules.slot_names[slot] = name
+            rules.slot_expects[slot] = expect
         return expect
 
     def _argument_done(self) -> None:
