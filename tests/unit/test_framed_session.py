@@ -98,12 +98,15 @@ def test_an_ignored_reply_of_another_length_shifts_the_comparison_after_it() -> 
     per_chunk=st.integers(1, 64),
     mode=st.sampled_from(["async", "sync"]),
     hot=st.booleans(),
+    behind=st.sampled_from([0, 1]),
 )
 def test_a_divergence_names_its_reply_however_many_replies_the_window_passed(
-    seed: int, count: int, per_chunk: int, mode: str, hot: bool
+    seed: int, count: int, per_chunk: int, mode: str, hot: bool, behind: int
 ) -> None:
     """The session forgets the replies the window has passed now and then (past
-    hundreds of them); a divergence still names the right reply and byte."""
+    hundreds of them); a divergence still names the right reply and byte. The
+    replica is a chunk behind the primary, or level with it after each chunk (the
+    window is then past every reply when they are forgotten)."""
     rng = random.Random(seed)
     names = [rng.choice([b"GET", b"SET", b"INCR", b"INFO"]) for _ in range(count)]
     sizes = {b"GET": [0, 5, 300], b"SET": [], b"INCR": [], b"INFO": [2, 400]}
@@ -125,11 +128,12 @@ def test_a_divergence_names_its_reply_however_many_replies_the_window_passed(
     h = resp(mode=mode, hot=hot)
     h(ClientData(b"".join(command(n, b"k") for n in names)))
     chunks = range(0, count + per_chunk, per_chunk)
-    for i in chunks:  # the replica a chunk behind the primary
+    lag = behind * per_chunk
+    for i in chunks:
         if i < count:
             h(UpstreamData(P, b"".join(replies[i : i + per_chunk])))
-        if i >= per_chunk:
-            h(UpstreamData(R, b"".join(theirs[i - per_chunk : i])))
+        if lag <= i < count + lag:
+            h(UpstreamData(R, b"".join(theirs[i - lag : i - lag + per_chunk])))
         if h.reports("divergence"):
             break
     [report] = h.reports("divergence")

@@ -972,7 +972,11 @@ class Session:
 
     def _forget_replies(self) -> None:
         """Forget the replies the window has passed (but the one it starts in)."""
-        k, begins = self._walk(self._window_base)
+        at = self._window_base
+        if at >= self._last_end:  # (past every reply that ended: no need to walk)
+            k, begins = len(self._sizes), self._last_end
+        else:
+            k, begins = self._walk(at)
         if k:
             del self._sizes[:k]
             del self._expects[:k]
