@@ -8,7 +8,8 @@ thread), ``rp0``/``rp1``/``rp2`` (replicaproxy, async mode, 0/1/2 replicas) and
 reference, ``tee0``/``tee1`` (``tee.py``: the
 least a Python forwarder with 0/1 replica can do; request/response and churn). Every setup
 runs each workload in turn within a round (so a slow phase of a busy machine hits them
-alike), several rounds, medians.
+alike), in the opposite order every other round (so that a machine growing busier or
+quieter during a round favours no setup), several rounds, medians.
 
     python bench/run.py [--quick] [--rounds N] [--only SETUP,...] [--workloads W,...]
                         [--baseline DIR] [--replica-flush MS]
@@ -68,8 +69,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # machine takes about a second; 30 s means it is not coming.
 WAIT = 30.0
 
+# (Each setup a target compares with another runs next to it: rp1 and rp1resp, rp1sync
+# and rp1syncresp; see run().)
 SETUPS = (
-    "direct", "haproxy", "rp0", "rp1", "rp2", "rp1sync", "rp1resp", "rp1syncresp", "tee0", "tee1",
+    "direct", "haproxy", "rp0", "rp1", "rp1resp", "rp1sync", "rp1syncresp", "rp2", "tee0", "tee1",
 )  # fmt: skip
 #: (replicas, mode, protocol) of each replicaproxy setup.
 PROXIES = {
@@ -644,9 +647,13 @@ def run(out: Outcome, procs: Processes) -> None:
 
     timed = [w for w in out.workloads if w != "idle" and w not in protocols.WORKLOADS]
     for rnd in range(1, plan.rounds + 1):
+        # Setups compared by a target run one after the other. This machine's speed
+        # drifts by 15-30% over tens of seconds; alternating the order cancels a drift
+        # that lasts a round, where a fixed order would hand it to the later setup.
+        order = setups if rnd % 2 else setups[::-1]
         for work in timed:
             world = worlds["sink" if work == "bulk" else "redis"]
-            for setup in setups:
+            for setup in order:
                 if not runs(setup, work):
                     continue
                 target = world[setup]
