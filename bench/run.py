@@ -647,9 +647,10 @@ def run(out: Outcome, procs: Processes) -> None:
 
     timed = [w for w in out.workloads if w != "idle" and w not in protocols.WORKLOADS]
     for rnd in range(1, plan.rounds + 1):
-        # Setups compared by a target run one after the other. This machine's speed
-        # drifts by 15-30% over tens of seconds; alternating the order cancels a drift
-        # that lasts a round, where a fixed order would hand it to the later setup.
+        # Each resp setup runs right after the bytes setup it is compared with (see
+        # SETUPS). This machine's speed drifts by 15-30% over tens of seconds;
+        # alternating the order cancels a drift that lasts a round, where a fixed
+        # order would hand it to the later setup.
         order = setups if rnd % 2 else setups[::-1]
         for work in timed:
             world = worlds["sink" if work == "bulk" else "redis"]
