@@ -253,16 +253,10 @@ class Framing:
 
     def queue(self, expect: Expect) -> None:
         """One more reply is due, after those already pending."""
-        n = self._n
-        if n - self._taken >= MAX_PENDING:
+        if self._n - self._taken >= MAX_PENDING:
             self.stop()
             return
-        due = self._due
-        if n < len(due):  # (_put, inline: once per request)
-            due[n] = expect
-        else:
-            due.append(expect)
-        self._n = n + 1
+        self._put(expect)
 
     def _put(self, expect: Expect) -> None:
         """Add ``expect`` at the queue's end."""
