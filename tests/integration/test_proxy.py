@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -208,6 +209,91 @@ def test_client_reset_closes_everything_and_keeps_what_was_sent() -> None:
             s2.sendall(b"next")
             s2.shutdown(socket.SHUT_WR)
             assert recv_all(s2).startswith(b"next4 ")
+
+
+class AnswerAndReset:
+    """A server that reads what each connection sends and, when ``answer`` is called,
+    answers on the connection that sent something and resets it: a close with input
+    still unread (SO_LINGER 0), as Redis closes one after a protocol error."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self.heard = threading.Event()  # a connection sent something
+        self.reply = b""
+        self._go = threading.Event()
+        self.done = threading.Event()  # it answered and reset
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.05)  # (a blocked recv would hold the socket open past close)
+        heard = False
+        with conn:
+            deadline = time.monotonic() + WAIT
+            while not self._go.is_set() and time.monotonic() < deadline:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return  # (a health check)
+                heard = True
+                self.heard.set()
+            if heard and self._go.is_set():
+                conn.sendall(self.reply)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.done.set()
+
+    def answer(self, reply: bytes) -> None:
+        self.reply = reply
+        self._go.set()
+        assert self.done.wait(WAIT)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_an_answer_sent_just_before_a_reset_reaches_the_client(mode: str) -> None:
+    """The servers answer and reset while more input for them waits in the proxy.
+
+    The proxy is stopped meanwhile, so that it reads that input first: its write
+    fails on the reset, before it has read the answer, which must still reach the
+    client (Redis's own test suite sends garbage until a write fails, then reads).
+    """
+    primary, replica = AnswerAndReset(), AnswerAndReset()
+    try:
+        with proxy(
+            "--primary", f"{HOST}:{primary.port}", "--replica", f"{HOST}:{replica.port}",
+            "--mode", mode,
+        ) as (px, port), connect(port) as s:  # fmt: skip
+            s.sendall(b"hello\r\n")
+            assert primary.heard.wait(WAIT) and replica.heard.wait(WAIT)
+            px.signal(signal.SIGSTOP)
+            try:
+                s.sendall(b"more\r\n")  # (on loopback: in the proxy's socket once sent)
+                primary.answer(b"-ERR bye\r\n")
+                replica.answer(b"-ERR bye\r\n")
+            finally:
+                px.signal(signal.SIGCONT)
+            assert recv_all(s) == b"-ERR bye\r\n"
+            px.wait_for(r"session 1 .*outcome=server_closed")
+            assert px.count("stale") == 0
+    finally:
+        primary.close()
+        replica.close()
 
 
 def test_replica_sigstopped_under_write_load(tmp_path: Path) -> None:

@@ -33,7 +33,6 @@ from support import (
     Proxy,
     config_text,
     connect,
-    recv_all,
     redis,
     redis_cli,
     require_binary,
@@ -244,15 +243,18 @@ def test_an_idle_connection_is_taken_over_when_its_primary_dies(tmp_path: Path) 
 
 
 def _send_too_big_inline_request(port: int) -> bytes:
+    """What the server answers a too-big inline request, read as Redis's own test
+    suite reads it: input goes on until a write fails, then the answer is read."""
     with connect(port) as s:
         s.sendall(b"PING\r\n")
         assert s.recv(100) == b"+PONG\r\n"
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
-            s.sendall(b"x" * 70_000)  # no newline: past Redis's 64 KiB inline limit
-        try:
-            got: bytes = recv_all(s)
-        except ConnectionResetError:
-            got = b""
+            for _ in range(1000):  # no newline: past Redis's 64 KiB inline limit
+                s.sendall(b"x" * 1024)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):  # (what came before it counts)
+            while chunk := s.recv(65536):
+                got += chunk
         return got
 
 
@@ -262,9 +264,9 @@ def test_a_server_closing_one_session_fails_nobody_over(tmp_path: Path, mode: st
         two_redis(tmp_path) as (_p, pport, _r, rport),
         resp_proxy(tmp_path, pport, rport, mode=mode) as px,
     ):
-        for _ in range(3):
+        for _ in range(20):
             got = _send_too_big_inline_request(px.port)
-            assert got in (b"", b"-ERR Protocol error: too big inline request\r\n"), got
+            assert got == b"-ERR Protocol error: too big inline request\r\n", got
         # CLIENT KILL of the session itself, on both servers.
         r = client(px.port, protocol=2)
         with pytest.raises(redis_py.ConnectionError):

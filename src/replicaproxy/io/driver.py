@@ -12,6 +12,7 @@ import asyncio
 import heapq
 import logging
 import math
+import os
 import ssl
 import time
 from collections import deque
@@ -73,6 +74,10 @@ CONNECT_TRIES = 3
 #: system call per small write; past 64 KiB a call is a small part of moving the
 #: bytes, and a fast client cannot make a session hold a tick's worth of its stream.
 FLUSH_BYTES = 64 * 1024
+
+#: What is read at most, at a reset, of what an upstream sent before it (see
+#: SessionDriver._read_rest): a socket's receive buffer at its largest by default.
+REST_LIMIT = 6 * 1024 * 1024
 
 #: Seconds a PostgreSQL client has for its TLS handshake after the proxy's ``S``: as
 #: long as on a TLS listener (io/handshake.py says why).
@@ -960,8 +965,40 @@ class SessionDriver:
 
     def lost(self, name: str, exc: Exception | None) -> None:
         """``name``'s connection is gone, and what its write buffer held with it."""
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            self._read_rest(name)
         self._release(name)
         self.feed(UpstreamClosed(name, _describe(exc)))
+
+    def _read_rest(self, name: str) -> None:
+        """Hand on what ``name`` sent before it reset the connection, still unread.
+
+        A server that answers a bad request with an error and closes while input is
+        still coming resets the connection. When the next write to it fails on that
+        reset, the loop stops reading at once, and the answer it had sent waits in the
+        socket: a client of the server's own would still read it after its failed
+        write (Redis's protocol error is such an answer). The socket is open until
+        this returns; TLS connections are left alone (their bytes are records).
+        """
+        t = self._transports.get(name)
+        if t is None or self.host.tls_of(name) is not None:
+            return
+        sock = t.get_extra_info("socket")
+        try:
+            fd = sock.fileno() if sock is not None else -1
+        except OSError:
+            return
+        rest = bytearray()
+        while fd >= 0 and len(rest) < REST_LIMIT:
+            try:
+                chunk = os.read(fd, REST_LIMIT - len(rest))
+            except OSError:  # (nothing more waits, or the reset itself)
+                break
+            if not chunk:
+                break
+            rest += chunk
+        if rest:
+            self.upstream_data(name, bytes(rest))
 
 
 class ClientProtocol(asyncio.Protocol):
