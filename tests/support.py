@@ -182,6 +182,35 @@ def running(args: list[str], *, name: str, cwd: Path | None = None) -> Iterator[
         proc.stop()
 
 
+class LoopbackServer:
+    """A TCP server of a test's own on a free loopback port: ``serve(conn)`` is called
+    for each connection, on the accept loop's thread, or on one of its own with
+    ``threaded``; it closes ``conn`` when done. ``close()`` stops accepting."""
+
+    def __init__(self, serve: Callable[[socket.socket], None], *, threaded: bool = False) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+        self._handle = serve
+        self._threaded = threaded
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self._threaded:
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            else:
+                self._handle(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def free_port() -> int:
     """A port nobody listens on right now (for servers that cannot bind port 0)."""
     with socket.socket() as s:

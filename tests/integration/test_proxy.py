@@ -18,6 +18,7 @@ from replicaproxy.demo.protocol import EXPECTED_LINES
 from support import (
     HOST,
     WAIT,
+    LoopbackServer,
     config_text,
     connect,
     digest,
@@ -211,29 +212,17 @@ def test_client_reset_closes_everything_and_keeps_what_was_sent() -> None:
             assert recv_all(s2).startswith(b"next4 ")
 
 
-class AnswerAndReset:
+class AnswerAndReset(LoopbackServer):
     """A server that reads what each connection sends and, when ``answer`` is called,
     answers on the connection that sent something and resets it: a close with input
     still unread (SO_LINGER 0), as Redis closes one after a protocol error."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind((HOST, 0))
-        self.sock.listen(16)
-        self.port = int(self.sock.getsockname()[1])
         self.heard = threading.Event()  # a connection sent something
         self.reply = b""
         self._go = threading.Event()
         self.done = threading.Event()  # it answered and reset
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(self._serve, threaded=True)
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(0.05)  # (a blocked recv would hold the socket open past close)
@@ -260,9 +249,6 @@ class AnswerAndReset:
         self.reply = reply
         self._go.set()
         assert self.done.wait(WAIT)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])

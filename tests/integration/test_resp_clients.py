@@ -29,6 +29,7 @@ from redis.retry import Retry
 from support import (
     HOST,
     WAIT,
+    LoopbackServer,
     Proc,
     Proxy,
     config_text,
@@ -294,34 +295,21 @@ def test_a_server_closing_one_session_fails_nobody_over(tmp_path: Path, mode: st
 # -------------------------------------------------- staleness that cannot be missed
 
 
-class RefusingServer:
+class RefusingServer(LoopbackServer):
     """A server that reads a connection's first request, answers an error and closes
     it: a replica that refuses the login the primary accepted (PostgreSQL with a SCRAM
     login is one). ``refused`` is set once it did."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind((HOST, 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
         self.refused = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(self._refuse)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                if conn.recv(100):  # (not a health check)
-                    conn.sendall(b"-ERR authentication failed\r\n")
-                    conn.shutdown(socket.SHUT_RDWR)
-                    self.refused.set()
-
-    def close(self) -> None:
-        self.sock.close()
+    def _refuse(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            if conn.recv(100):  # (not a health check)
+                conn.sendall(b"-ERR authentication failed\r\n")
+                conn.shutdown(socket.SHUT_RDWR)
+                self.refused.set()
 
 
 @pytest.mark.parametrize(("protocol", "divergence"), [("resp", "stale"), ("bytes", "log")])
