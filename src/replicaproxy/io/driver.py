@@ -991,7 +991,7 @@ class SessionDriver:
         rest = bytearray()
         while fd >= 0 and len(rest) < REST_LIMIT:
             try:
-                chunk = os.read(fd, REST_LIMIT - len(rest))
+                chunk = os.read(fd, min(256 * 1024, REST_LIMIT - len(rest)))
             except OSError:  # (nothing more waits, or the reset itself)
                 break
             if not chunk:
