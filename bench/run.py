@@ -299,11 +299,11 @@ def program(name: str) -> str:
     return path
 
 
-def haproxy_config(port: int, server: int, maxconn: int) -> str:
+def haproxy_config(port: int, server: int, maxconn: int, threads: int = 1) -> str:
     return (
         "global\n"
         f"    maxconn {maxconn}\n"
-        "    nbthread 1\n"
+        f"    nbthread {threads}\n"
         "defaults\n"
         "    mode tcp\n"
         f"    maxconn {maxconn}\n"

@@ -131,10 +131,14 @@ class Session(asyncio.Protocol):
                 t.close()
 
 
-async def serve(port: int, primary: int, replicas: list[int], flush_ms: float) -> None:
+async def serve(
+    port: int, primary: int, replicas: list[int], flush_ms: float, reuse_port: bool = False
+) -> None:
     tick = Tick(flush_ms / 1000)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Session(primary, replicas, tick), HOST, port)
+    server = await loop.create_server(
+        lambda: Session(primary, replicas, tick), HOST, port, reuse_port=reuse_port
+    )
     async with server:
         await server.serve_forever()
 
@@ -145,10 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("primary", type=int)
     parser.add_argument("replicas", type=int, nargs="*")
     parser.add_argument("--flush", type=float, default=20.0, help="the tick in ms (default 20)")
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT: several tees on one port share the connections",
+    )
     args = parser.parse_args(argv)
     import uvloop
 
-    uvloop.run(serve(args.port, args.primary, args.replicas, args.flush))
+    uvloop.run(serve(args.port, args.primary, args.replicas, args.flush, args.reuse_port))
 
 
 if __name__ == "__main__":
