@@ -32,6 +32,7 @@ from pathlib import Path
 import run as bench
 
 SETUPS = ("haproxy", "haproxy2", "tee0", "tee0x2", "rp0", "tee1", "tee1x2", "rp1")
+WITH_REPLICA = {"tee1", "tee1x2", "rp1"}
 
 
 def redis_server(procs: bench.Processes, name: str) -> int:
@@ -52,7 +53,7 @@ def start(procs: bench.Processes, setup: str) -> bench.Target:
     """The setup's Redis servers and proxy (started, not yet waited for)."""
     tmp = procs.tmp
     redis = redis_server(procs, f"{setup}-redis")
-    replica = [redis_server(procs, f"{setup}-replica")] if "1" in setup else []
+    replica = [redis_server(procs, f"{setup}-replica")] if setup in WITH_REPLICA else []
     port = bench.free_port()
     if setup.startswith("haproxy"):
         cfg = tmp / f"{setup}.cfg"
