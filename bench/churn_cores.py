@@ -35,25 +35,11 @@ SETUPS = ("haproxy", "haproxy2", "tee0", "tee0x2", "rp0", "tee1", "tee1x2", "rp1
 WITH_REPLICA = {"tee1", "tee1x2", "rp1"}
 
 
-def redis_server(procs: bench.Processes, name: str) -> int:
-    """A Redis server's port (started, not yet waited for)."""
-    data = procs.tmp / name
-    data.mkdir()
-    port = bench.free_port()
-    procs.start(
-        name,
-        [bench.program("redis-server"), "--port", str(port), "--bind", bench.HOST,
-         "--save", "", "--appendonly", "no", "--dir", str(data)],
-        port,
-    )  # fmt: skip
-    return port
-
-
 def start(procs: bench.Processes, setup: str) -> bench.Target:
     """The setup's Redis servers and proxy (started, not yet waited for)."""
     tmp = procs.tmp
-    redis = redis_server(procs, f"{setup}-redis")
-    replica = [redis_server(procs, f"{setup}-replica")] if setup in WITH_REPLICA else []
+    redis = bench.redis_server(procs, f"{setup}-redis").port
+    replica = [bench.redis_server(procs, f"{setup}-replica").port] if setup in WITH_REPLICA else []
     port = bench.free_port()
     if setup.startswith("haproxy"):
         cfg = tmp / f"{setup}.cfg"

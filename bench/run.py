@@ -316,6 +316,16 @@ def haproxy_config(port: int, server: int, maxconn: int, threads: int = 1) -> st
     )
 
 
+def redis_server(procs: Processes, name: str) -> Child:
+    """A Redis server without persistence, in a directory of its own (not waited for)."""
+    data = procs.tmp / name
+    data.mkdir()
+    port = free_port()
+    args = [program("redis-server"), "--port", str(port), "--bind", HOST,
+            "--save", "", "--appendonly", "no", "--dir", str(data)]  # fmt: skip
+    return procs.start(name, args, port)
+
+
 def replicas(setup: str) -> int:
     """How many replicas a replicaproxy setup has (0 for the others, tee1 too: it logs nothing)."""
     return PROXIES.get(setup.removesuffix(BASE), (0, "", ""))[0]
@@ -349,15 +359,10 @@ def build(
         flush = ["--config", str(config)]
 
     def server(name: str) -> Child:
-        port = free_port()
         if kind == "redis":
-            data = tmp / name
-            data.mkdir()
-            args = [program("redis-server"), "--port", str(port), "--bind", HOST,
-                    "--save", "", "--appendonly", "no", "--dir", str(data)]  # fmt: skip
-        else:
-            args = [sys.executable, str(SINK), str(port)]
-        return procs.start(name, args, port)
+            return redis_server(procs, name)
+        port = free_port()
+        return procs.start(name, [sys.executable, str(SINK), str(port)], port)
 
     targets = {}
     for setup in setups:
